@@ -1,0 +1,46 @@
+# fedjob: two commands do all the set-up.
+#   make quickstart   install, build a tiny model and non-IID data, run a real federated job
+#   make test         install, lint, run the whole test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fedjob-installed
+CACHE ?= $(HOME)/.cache/fedjob
+export TORCH_EXTENSIONS_DIR ?= $(CACHE)/torch_extensions
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install quickstart test lint protos protos-check clean bench
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU build of torch first: a bare torch requirement would pull CUDA wheels.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	# DeepSpeed compiles its CPU communication op on first use (~25-75 s); do it once, cached.
+	$(PY) -m fedjob_cli.main warmup
+	touch $@
+
+quickstart: $(STAMP)
+	$(PY) -m fedjob_cli.main example --out examples
+	$(VENV)/bin/fedjob run examples/quickstart.yaml --out runs/quickstart
+
+test: $(STAMP) lint
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
+protos: $(STAMP)
+	$(PY) -m grpc_tools.protoc -I protos --python_out=. --grpc_python_out=. --pyi_out=. protos/fedjob/v1/fedjob.proto
+
+bench: $(STAMP)
+	$(PY) bench/compression.py
+
+clean:
+	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,87 @@
+"""Prometheus metrics of the aggregator. Silos' figures reach Prometheus through here.
+
+Labels are bounded: job, namespace, silo (from the spec) and reason (a fixed
+set). The round number is a value, never a label.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from fedjob.spec import FederatedJob
+
+PHASES = ("Running", "Succeeded", "Failed")
+
+
+class AggregatorMetrics:
+    def __init__(self, job: FederatedJob, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.job = job.name
+        self.ns = job.metadata.namespace or "local"
+        jl = ["job", "namespace"]
+        sl = [*jl, "silo"]
+        r = self.registry
+        self.round = Gauge("fedjob_round", "Rounds completed.", jl, registry=r)
+        self.rounds_total = Gauge("fedjob_rounds_total", "Rounds the job runs in all.", jl, registry=r)
+        self.phase = Gauge("fedjob_job_phase", "1 for the job's current phase.", [*jl, "phase"], registry=r)
+        self.round_seconds = Histogram(
+            "fedjob_round_duration_seconds", "Wall time of a round, open to close.", jl, registry=r,
+            buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600, 7200),
+        )
+        self.train_loss = Gauge("fedjob_train_loss", "Mean local training loss a silo reported.", sl, registry=r)
+        self.mean_train_loss = Gauge("fedjob_round_train_loss", "Mean train loss over the round's silos.", jl, registry=r)
+        self.eval_loss = Gauge("fedjob_eval_loss", "Held-out loss of the global model.", jl, registry=r)
+        self.participants = Gauge("fedjob_round_participants", "Silos whose update was aggregated.", jl, registry=r)
+        self.expected = Gauge("fedjob_silos_expected", "Silos in the job.", jl, registry=r)
+        self.bytes_total = Counter(
+            "fedjob_silo_bytes", "Bytes of model traffic per silo and direction.", [*sl, "direction"], registry=r
+        )
+        self.compression = Gauge("fedjob_compression_ratio", "Raw update bytes / bytes on the wire.", jl, registry=r)
+        self.rejections = Counter(
+            "fedjob_updates_rejected", "Updates or chunks refused, by reason.", [*sl, "reason"], registry=r
+        )
+        self.missed = Counter("fedjob_silo_rounds_missed", "Rounds a silo did not report in time.", sl, registry=r)
+        self.updates = Counter("fedjob_updates_accepted", "Updates aggregated.", sl, registry=r)
+        self.rounds_total.labels(self.job, self.ns).set(job.spec.rounds)
+        self.expected.labels(self.job, self.ns).set(len(job.spec.silos))
+        for s in job.silo_names():
+            for d in ("up", "down"):
+                self.bytes_total.labels(self.job, self.ns, s, d)
+            self.missed.labels(self.job, self.ns, s)
+            self.updates.labels(self.job, self.ns, s)
+        self.set_phase("Running")
+
+    def set_phase(self, phase: str) -> None:
+        for p in PHASES:
+            self.phase.labels(self.job, self.ns, p).set(1 if p == phase else 0)
+
+    def rejected(self, silo: str, reason: str) -> None:
+        self.rejections.labels(self.job, self.ns, silo, reason).inc()
+
+    def bytes(self, silo: str, direction: str, n: int) -> None:
+        self.bytes_total.labels(self.job, self.ns, silo, direction).inc(n)
+
+    def observe(self, event: str, fields: dict[str, Any]) -> None:
+        """Coordinator events -> metrics."""
+        j = (self.job, self.ns)
+        if event == "round_closed":
+            self.round.labels(*j).set(fields["round"])
+            self.round_seconds.labels(*j).observe(fields["seconds"])
+            self.mean_train_loss.labels(*j).set(fields["train_loss"])
+            if fields["eval_loss"] is not None and math.isfinite(fields["eval_loss"]):
+                self.eval_loss.labels(*j).set(fields["eval_loss"])
+            self.participants.labels(*j).set(fields["num_participants"])
+            if fields["compression_ratio"]:
+                self.compression.labels(*j).set(fields["compression_ratio"])
+            for silo, loss in fields["silo_train_loss"].items():
+                self.train_loss.labels(*j, silo).set(loss)
+                self.updates.labels(*j, silo).inc()
+            for silo in fields["missing"]:
+                self.missed.labels(*j, silo).inc()
+        elif event == "succeeded":
+            self.set_phase("Succeeded")
+        elif event == "failed":
+            self.set_phase("Failed")

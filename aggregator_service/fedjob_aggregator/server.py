@@ -1,0 +1,139 @@
+"""Start the aggregator: mTLS gRPC server, health, Prometheus endpoint, and the round loop."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import start_http_server
+
+from fedjob import modeling
+from fedjob.aggregation import make_strategy
+from fedjob.checkpoint import atomic_write
+from fedjob.chunking import State
+from fedjob.spec import FederatedJob
+from fedjob.textdata import TextCorpus
+from fedjob.tls import CertFiles
+from fedjob.v1 import fedjob_pb2_grpc as pb_grpc
+from fedjob_aggregator.coordinator import Coordinator
+from fedjob_aggregator.metrics import AggregatorMetrics
+from fedjob_aggregator.servicer import FederatedTrainingServicer
+
+log = logging.getLogger("fedjob.aggregator")
+SERVICE = "fedjob.v1.FederatedTraining"
+
+
+@dataclass
+class AggregatorOptions:
+    certs: Path
+    workdir: Path
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int = 9090
+    linger_seconds: float = 20.0
+
+
+class _ModelHooks:
+    """One model instance for evaluation and for writing the final artefact."""
+
+    def __init__(self, job: FederatedJob, workdir: Path) -> None:
+        self.job = job
+        self.workdir = workdir
+        self.model = modeling.build_model(job)
+        self.initial: State = modeling.get_state(self.model)
+        self.batches: list[Any] = []
+        if job.spec.eval is not None:
+            corpus = TextCorpus.from_folder(job.spec.eval.path)
+            t = job.spec.training
+            self.batches = corpus.fixed_batches(job.spec.eval.batches, t.batch_size, t.sequence_length)
+
+    def evaluate(self, state: State) -> float:
+        modeling.set_state(self.model, state)
+        return modeling.mean_loss(self.model, self.batches)
+
+    def finalize(self, state: State) -> None:
+        modeling.set_state(self.model, state)
+        target = self.workdir / ("adapter" if self.job.spec.training.mode == "lora" else "model")
+        self.model.save_pretrained(target)
+        log.info("wrote the trained result to %s", target)
+
+
+def build_server(
+    job: FederatedJob, servicer: FederatedTrainingServicer, certs: CertFiles, host: str, port: int
+) -> tuple[grpc.Server, int, health.HealthServicer]:
+    ca, cert, key = certs.load("aggregator")
+    limit = job.spec.compression.chunk_bytes + (1 << 20)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=2 * len(job.spec.silos) + 8),
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            # Keepalive so a silo whose network vanished is noticed within a minute.
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 20_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ],
+    )
+    pb_grpc.add_FederatedTrainingServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
+    bound = server.add_secure_port(f"{host}:{port}", creds)
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port}")
+    return server, bound, health_servicer
+
+
+def serve(job: FederatedJob, opts: AggregatorOptions) -> int:
+    opts.workdir.mkdir(parents=True, exist_ok=True)
+    hooks = _ModelHooks(job, opts.workdir)
+    metrics = AggregatorMetrics(job)
+    coord = Coordinator(
+        job,
+        make_strategy(job.spec.aggregation.algorithm),
+        hooks.initial,
+        opts.workdir,
+        evaluate=hooks.evaluate if hooks.batches else None,
+        finalize=hooks.finalize,
+        observe=metrics.observe,
+    )
+    metrics.round.labels(metrics.job, metrics.ns).set(coord.completed)
+    servicer = FederatedTrainingServicer(job, coord, metrics)
+    server, port, health_servicer = build_server(job, servicer, CertFiles(opts.certs), opts.host, opts.port)
+    http, _ = start_http_server(opts.metrics_port, addr=opts.host, registry=metrics.registry)
+    server.start()
+    for name in ("", SERVICE):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    atomic_write(
+        opts.workdir / "aggregator.json",
+        json.dumps({"port": port, "metrics_port": http.server_port, "host": opts.host}).encode(),
+    )
+    log.info("aggregator for job %s on %s:%d (metrics :%d)", job.name, opts.host, port, http.server_port)
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    phase = coord.run(stop)
+    if not stop.is_set():
+        # Stay up long enough for every silo to hear that the job ended.
+        end = time.time() + opts.linger_seconds
+        while time.time() < end and not stop.is_set():
+            if all(s.state in ("done", "absent") for s in coord.silos.values()):
+                break
+            time.sleep(0.2)
+    for name in ("", SERVICE):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    server.stop(grace=2).wait()
+    http.shutdown()
+    log.info("aggregator stopped: %s", phase)
+    return 0 if phase == "Succeeded" else (3 if stop.is_set() else 1)

@@ -1,0 +1,129 @@
+"""gRPC front of the coordinator: authorise by certificate, map refusals to gRPC statuses."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+
+from fedjob.spec import FederatedJob
+from fedjob.tls import Identity, identity_of
+from fedjob.v1 import fedjob_pb2 as pb
+from fedjob.v1 import fedjob_pb2_grpc as pb_grpc
+from fedjob_aggregator.coordinator import Coordinator, Refused
+from fedjob_aggregator.metrics import AggregatorMetrics
+
+log = logging.getLogger("fedjob.aggregator")
+VERSION = "0.1.0"
+
+
+class FederatedTrainingServicer(pb_grpc.FederatedTrainingServicer):
+    def __init__(self, job: FederatedJob, coordinator: Coordinator, metrics: AggregatorMetrics) -> None:
+        self.job = job
+        self.coord = coordinator
+        self.metrics = metrics
+
+    # ----- identity ---------------------------------------------------------------------------------
+
+    def _identity(self, context: grpc.ServicerContext) -> Identity:
+        """Who is calling, from the certificate the TLS layer verified against the job CA."""
+        pems = context.auth_context().get("x509_pem_cert")
+        if not pems:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "a client certificate from the job CA is required")
+        try:
+            ident = identity_of(pems[0])
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"certificate carries no fedjob identity: {exc}")
+        if ident.job != self.job.name:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"certificate is for job {ident.job!r}, not {self.job.name!r}")
+        return ident
+
+    def _silo(self, context: grpc.ServicerContext) -> str:
+        ident = self._identity(context)
+        if ident.role != "silo":
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"only silos may do this; caller is the {ident.role}")
+        if ident.name not in self.coord.silos:
+            self.metrics.rejected(ident.name, "unknown_silo")
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"silo {ident.name!r} is not part of job {self.job.name!r}")
+        return ident.name
+
+    def _refuse(self, context: grpc.ServicerContext, silo: str, exc: Refused) -> Any:
+        self.metrics.rejected(silo, exc.reason)
+        self.coord.count_rejection(silo)
+        log.warning("refused %s: %s (%s)", silo, exc.reason, exc.detail)
+        context.abort(getattr(grpc.StatusCode, exc.code), f"{exc.reason}: {exc.detail}")
+
+    # ----- RPCs -------------------------------------------------------------------------------------
+
+    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
+        silo = self._silo(context)
+        if request.expected_silo and request.expected_silo != silo:
+            self.metrics.rejected(silo, "identity_mismatch")
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"identity_mismatch: this certificate belongs to silo {silo!r}, not {request.expected_silo!r}",
+            )
+        self.coord.join(silo)
+        log.info("silo %s joined (worker %s)", silo, request.worker_version or "?")
+        return pb.JoinReply(
+            job=self.job.name, silo=silo, current_round=self.coord.completed + 1,
+            total_rounds=self.job.spec.rounds, max_chunk_bytes=self.coord.chunk_bytes,
+            codecs=[self.coord.codec.name],
+        )
+
+    def GetTask(self, request: pb.TaskRequest, context: grpc.ServicerContext) -> pb.Task:
+        silo = self._silo(context)
+        return self.coord.next_task(silo, request.after_round, request.wait_seconds or 30.0)
+
+    def DownloadGlobal(self, request: pb.DownloadRequest, context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
+        silo = self._silo(context)
+        try:
+            chunks = self.coord.download(silo, request.round)
+        except Refused as exc:
+            self._refuse(context, silo, exc)
+            return
+        sent = 0
+        for chunk in chunks:
+            sent += len(chunk.payload)
+            yield chunk
+        self.metrics.bytes(silo, "down", sent)
+
+    def UploadUpdate(self, request_iterator: Iterator[pb.UploadMessage], context: grpc.ServicerContext) -> pb.UploadReceipt:
+        silo = self._silo(context)
+        received = 0
+        try:
+            first = next(request_iterator, None)
+            if first is None or first.WhichOneof("part") != "header":
+                raise Refused("INVALID_ARGUMENT", "bad_header", "an upload starts with an UpdateHeader")
+            up = self.coord.begin_upload(silo, first.header)
+            for msg in request_iterator:
+                part = msg.WhichOneof("part")
+                if part == "chunk":
+                    self.coord.add_chunk(up, msg.chunk)
+                    received += len(msg.chunk.payload)
+                elif part == "trailer":
+                    self.coord.finish_upload(up, msg.trailer)
+                    self.metrics.bytes(silo, "up", received)
+                    return pb.UploadReceipt(round=up.round, bytes_received=received, accepted=True)
+                else:
+                    raise Refused("INVALID_ARGUMENT", "bad_message", f"unexpected {part or 'empty'} message inside an upload")
+            # The stream ended without a trailer: keep what arrived so the silo can resume.
+            self.metrics.bytes(silo, "up", received)
+            context.abort(
+                grpc.StatusCode.ABORTED,
+                f"incomplete: stream ended after chunk {up.validator.next_seq}; resume with QueryUpload",
+            )
+        except Refused as exc:
+            self.metrics.bytes(silo, "up", received)
+            self._refuse(context, silo, exc)
+        raise AssertionError("unreachable")
+
+    def QueryUpload(self, request: pb.QueryUploadRequest, context: grpc.ServicerContext) -> pb.QueryUploadReply:
+        silo = self._silo(context)
+        return pb.QueryUploadReply(next_seq=self.coord.resume_point(silo, request.round, request.upload_id))
+
+    def GetStatus(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.JobStatus:
+        self._identity(context)
+        return self.coord.status()

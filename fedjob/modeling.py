@@ -1,0 +1,159 @@
+"""Build the model a job trains and move its trainable parameters in and out as NumPy.
+
+Shared by the aggregator (initial global state, evaluation, the final artefact)
+and the worker (local training), so both agree on names and shapes by
+construction. Only trainable parameters ever travel: LoRA factors for `lora`,
+every weight for `full` and `pretrain`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedjob.chunking import State
+from fedjob.spec import FederatedJob
+
+# transformers/peft/torch are heavy: import them where used, so that `fedjob
+# validate` and the operator start in well under a second.
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def load_base_model(job: FederatedJob) -> Any:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    m = job.spec.model
+    if m.path is not None and job.spec.training.mode != "pretrain":
+        return AutoModelForCausalLM.from_pretrained(m.path, dtype="float32")
+    if m.path is not None:
+        config = AutoConfig.from_pretrained(m.path)
+    else:
+        assert m.config is not None
+        cfg = dict(m.config)
+        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    seed_everything(job.spec.training.seed)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def _uses_conv1d(model: Any, targets: list[str]) -> bool:
+    """GPT-2 style Conv1D projections need LoRA's fan_in_fan_out=True."""
+    from transformers.pytorch_utils import Conv1D
+
+    return any(
+        isinstance(mod, Conv1D) and name.split(".")[-1] in targets for name, mod in model.named_modules()
+    )
+
+
+def build_model(job: FederatedJob) -> Any:
+    """The model with exactly the job's trainable parameters marked requires_grad."""
+    model = load_base_model(job)
+    mode = job.spec.training.mode
+    if mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = job.spec.training.lora
+        seed_everything(job.spec.training.seed)  # the same initial A everywhere
+        config = LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules,
+            fan_in_fan_out=_uses_conv1d(model, lora.target_modules),
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, config)
+    return model
+
+
+def trainable_parameters(model: Any) -> list[tuple[str, Any]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def get_state(model: Any) -> State:
+    """Trainable parameters as float32 NumPy (of a plain module, not a ZeRO-partitioned one)."""
+    return {n: p.detach().float().cpu().numpy().copy() for n, p in trainable_parameters(model)}
+
+
+def set_state(model: Any, state: State) -> None:
+    import torch
+
+    params = dict(trainable_parameters(model))
+    if set(params) != set(state):
+        extra, missing = sorted(set(state) - set(params)), sorted(set(params) - set(state))
+        raise ValueError(f"state does not match the model: unexpected {extra[:3]}, missing {missing[:3]}")
+    with torch.no_grad():
+        for name, value in state.items():
+            p = params[name]
+            if tuple(p.shape) != value.shape:
+                raise ValueError(f"{name}: shape {value.shape}, model has {tuple(p.shape)}")
+            p.copy_(torch.from_numpy(np.ascontiguousarray(value)).to(p.dtype))
+
+
+def mean_loss(model: Any, batches: list[Any]) -> float:
+    import torch
+
+    model.eval()
+    total = 0.0
+    with torch.no_grad():
+        for b in batches:
+            ids = torch.from_numpy(b)
+            total += float(model(input_ids=ids, labels=ids).loss)
+    return total / max(len(batches), 1)
+
+
+def save_result(job: FederatedJob, state: State, out: Path) -> Path:
+    """Write the trained artefact: a PEFT adapter folder (lora) or a Hugging Face model folder."""
+    model = build_model(job)
+    set_state(model, state)
+    target = out / ("adapter" if job.spec.training.mode == "lora" else "model")
+    model.save_pretrained(target)
+    return target
+
+
+def build_tiny_model(
+    out: Path, seed: int = 0, n_embd: int = 128, n_layer: int = 2, n_head: int = 4,
+    pretrain_text: str | None = None, pretrain_steps: int = 300,
+) -> Path:
+    """A small byte-level GPT-2 built from a config (no download), saved in Hugging Face layout.
+
+    With `pretrain_text`, it is first trained briefly on that public text, so the
+    federated job fine-tunes a model that already knows something, as in real use.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from fedjob.textdata import VOCAB_SIZE
+
+    seed_everything(seed)
+    config = GPT2Config(
+        vocab_size=VOCAB_SIZE, n_positions=512, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+        bos_token_id=0, eos_token_id=0,
+    )
+    model = GPT2LMHeadModel(config)
+    if pretrain_text:
+        import torch
+
+        from fedjob.textdata import TextCorpus
+
+        corpus = TextCorpus(np.frombuffer(pretrain_text.encode(), dtype=np.uint8), 1)
+        rng = np.random.default_rng(seed)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        model.train()
+        for _ in range(pretrain_steps):
+            ids = torch.from_numpy(corpus.random_batch(rng, 16, 64))
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    model.save_pretrained(out)
+    return out

@@ -1,0 +1,288 @@
+"""The FederatedJob document: one pydantic model for `fedjob run`, the operator and the CRD.
+
+The same YAML goes to `kubectl apply` and to `fedjob run`, so field names are the
+Kubernetes camelCase ones and every constraint is expressed as a JSON-schema
+keyword (bounds, enums, patterns) where it can be: the CRD's schema is generated
+from this model, and the API server then enforces the same rules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+API_VERSION = "fedjob.io/v1alpha1"
+KIND = "FederatedJob"
+
+# Children are named "<job>-<silo>-..."; both parts stay short enough that the
+# derived names fit Kubernetes' 63-character label limit.
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+PATTERN_RULES = {
+    DNS_LABEL: "must be a DNS-1123 label (lower-case letters, digits and '-', "
+    "starting and ending with a letter or digit)",
+}
+
+TrainingMode = Literal["pretrain", "full", "lora"]
+Codec = Literal["none", "fp16", "bf16", "int8"]
+Algorithm = Literal["fedavg"]
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+
+class ObjectMeta(BaseModel):
+    # Kubernetes adds many fields (uid, resourceVersion, ...): accept them.
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: Annotated[str, Field(min_length=1, max_length=30, pattern=DNS_LABEL)]
+    namespace: Annotated[str, Field(min_length=1, max_length=63, pattern=DNS_LABEL)] | None = None
+    labels: dict[str, str] = {}
+
+
+class ModelSpec(_Spec):
+    """Where the model comes from: a local Hugging Face-layout folder, or a config."""
+
+    path: str | None = Field(None, description="Folder in Hugging Face layout (config.json + weights).")
+    config: dict[str, Any] | None = Field(
+        None, description="A transformers config (with model_type) for from-scratch pre-training."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        if (self.path is None) == (self.config is None):
+            raise ValueError("set exactly one of path or config")
+        if self.config is not None and "model_type" not in self.config:
+            raise ValueError("config must name its model_type")
+        return self
+
+
+class LoraSpec(_Spec):
+    r: int = Field(8, ge=1, le=1024)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=lambda: ["c_attn"], min_length=1
+    )
+
+
+class DeepSpeedSpec(_Spec):
+    zero_stage: int = Field(2, ge=0, le=3)
+    bf16: bool = False
+    offload_optimizer: bool = False
+    offload_parameters: bool = False
+    gradient_clipping: float = Field(1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> DeepSpeedSpec:
+        if self.offload_parameters and self.zero_stage != 3:
+            raise ValueError("offloadParameters needs zeroStage 3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offloadOptimizer needs zeroStage 1, 2 or 3")
+        return self
+
+
+class TrainingSpec(_Spec):
+    mode: TrainingMode = "lora"
+    local_steps: int = Field(10, ge=1, le=1_000_000)
+    batch_size: int = Field(8, ge=1, le=4096, description="Micro-batch per process.")
+    sequence_length: int = Field(128, ge=8, le=131072)
+    learning_rate: float = Field(1e-3, gt=0, le=10)
+    weight_decay: float = Field(0.0, ge=0)
+    seed: int = Field(0, ge=0)
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
+
+
+class DataSpec(_Spec):
+    path: str = Field(min_length=1, description="Folder of UTF-8 .txt files (in the pod: where it is mounted).")
+
+
+class SiloSpec(_Spec):
+    name: Annotated[str, Field(min_length=1, max_length=24, pattern=DNS_LABEL)]
+    data: DataSpec
+    processes: int = Field(1, ge=1, le=64, description="Training processes in this silo (torch distributed).")
+
+
+class EvalSpec(_Spec):
+    path: str = Field(min_length=1)
+    batches: int = Field(8, ge=1, le=10000)
+
+
+class AggregationSpec(_Spec):
+    algorithm: Algorithm = "fedavg"
+    min_silos: int = Field(1, ge=1)
+    round_deadline_seconds: float = Field(600.0, gt=0, le=7 * 24 * 3600)
+
+
+class CompressionSpec(_Spec):
+    codec: Codec = "int8"
+    zstd: bool = True
+    chunk_bytes: int = Field(1 << 20, ge=4096, le=4 << 20, description="Largest chunk payload on the wire.")
+
+
+class JobSpec(_Spec):
+    model: ModelSpec
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    silos: list[SiloSpec] = Field(min_length=1, max_length=1000)
+    eval: EvalSpec | None = None
+    rounds: int = Field(3, ge=1, le=100_000)
+    aggregation: AggregationSpec = Field(default_factory=AggregationSpec)
+    compression: CompressionSpec = Field(default_factory=CompressionSpec)
+    suspend: bool = False
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> JobSpec:
+        names = [s.name for s in self.silos]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"silos: names must be unique, repeated: {', '.join(dupes)}")
+        if self.aggregation.min_silos > len(self.silos):
+            raise ValueError(
+                f"aggregation.minSilos: must be at most the number of silos ({len(self.silos)})"
+            )
+        if self.training.mode in ("full", "lora") and self.model.path is None:
+            raise ValueError(f"model.path: training mode {self.training.mode!r} starts from a pretrained model")
+        return self
+
+
+class FederatedJob(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, extra="forbid", frozen=True)
+    api_version: Literal["fedjob.io/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["FederatedJob"]
+    metadata: ObjectMeta
+    spec: JobSpec
+    # The API server owns status; accepted so a `kubectl get -o yaml` round-trips.
+    status: dict[str, Any] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    def silo(self, name: str) -> SiloSpec:
+        for s in self.spec.silos:
+            if s.name == name:
+                return s
+        raise KeyError(f"silo {name!r} is not in job {self.name!r} (silos: {self.silo_names()})")
+
+    def silo_names(self) -> list[str]:
+        return [s.name for s in self.spec.silos]
+
+
+@dataclass(frozen=True)
+class SpecError(Exception):
+    """Every problem found in a document, each as 'field.path: rule'."""
+
+    source: str
+    problems: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return f"{self.source}: invalid FederatedJob\n" + "\n".join(f"  {p}" for p in self.problems)
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("function-after", "literal"):
+            continue
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _message(err: Any) -> str:
+    kind = err["type"]
+    ctx = err.get("ctx") or {}
+    if kind == "string_pattern_mismatch":
+        return PATTERN_RULES.get(ctx.get("pattern", ""), f"must match {ctx.get('pattern')}")
+    if kind == "missing":
+        return "required"
+    if kind == "extra_forbidden":
+        return "unknown field"
+    if kind == "literal_error":
+        return f"must be one of {ctx.get('expected')}"
+    if kind == "value_error":
+        return str(ctx.get("error", err["msg"]))
+    msg: str = err["msg"]
+    return msg[0].lower() + msg[1:]
+
+
+def format_errors(exc: ValidationError) -> tuple[str, ...]:
+    problems = []
+    for err in exc.errors():
+        path = _field_path(tuple(err["loc"]))
+        msg = _message(err)
+        # Cross-field rules name their own field ("silos: ...") relative to spec.
+        if ": " in msg and err["type"] == "value_error":
+            rel, _, rest = msg.partition(": ")
+            if " " not in rel:
+                path, msg = f"{path}.{rel}" if path else rel, rest
+        problems.append(f"{path}: {msg}" if path else msg)
+    return tuple(problems)
+
+
+def parse_job(doc: Any, source: str = "<document>") -> FederatedJob:
+    if not isinstance(doc, dict):
+        raise SpecError(source, ("document must be a mapping with apiVersion, kind, metadata and spec",))
+    try:
+        return FederatedJob.model_validate(doc)
+    except ValidationError as exc:
+        raise SpecError(source, format_errors(exc)) from None
+
+
+def load_job(path: str | Path) -> FederatedJob:
+    """Read and validate a FederatedJob file; relative paths are resolved against its folder."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SpecError(str(p), (f"cannot read file: {exc.strerror}",)) from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError(str(p), (f"not valid YAML: {exc}".replace("\n", " "),)) from None
+    return resolve_paths(parse_job(doc, str(p)), p.resolve().parent)
+
+
+def resolve_paths(job: FederatedJob, base: Path) -> FederatedJob:
+    def absolute(value: str) -> str:
+        return str((base / value).resolve()) if not Path(value).is_absolute() else value
+
+    spec = job.spec
+    model = spec.model.model_copy(update={"path": absolute(spec.model.path)}) if spec.model.path else spec.model
+    silos = [s.model_copy(update={"data": DataSpec(path=absolute(s.data.path))}) for s in spec.silos]
+    ev = spec.eval.model_copy(update={"path": absolute(spec.eval.path)}) if spec.eval else None
+    return job.model_copy(update={"spec": spec.model_copy(update={"model": model, "silos": silos, "eval": ev})})
+
+
+def local_path_problems(job: FederatedJob, only_silo: str | None = None) -> list[str]:
+    """Missing folders on this machine (in a cluster the paths are inside pods).
+
+    With `only_silo`, what that silo's worker needs: the model and its own data.
+    """
+    problems = []
+    if job.spec.model.path is not None:
+        mp = Path(job.spec.model.path)
+        if not mp.is_dir():
+            problems.append(f"spec.model.path: folder not found: {mp}")
+        elif not (mp / "config.json").is_file():
+            problems.append(f"spec.model.path: no config.json in {mp} (expected a Hugging Face-layout folder)")
+    for i, s in enumerate(job.spec.silos):
+        if only_silo is not None and s.name != only_silo:
+            continue
+        dp = Path(s.data.path)
+        if not dp.is_dir():
+            problems.append(f"spec.silos[{i}].data.path: folder not found: {dp}")
+        elif not any(dp.rglob("*.txt")):
+            problems.append(f"spec.silos[{i}].data.path: no .txt files in {dp}")
+    if only_silo is None and job.spec.eval is not None and not Path(job.spec.eval.path).is_dir():
+        problems.append(f"spec.eval.path: folder not found: {job.spec.eval.path}")
+    return problems

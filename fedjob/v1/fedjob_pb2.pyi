@@ -1,0 +1,218 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class JoinRequest(_message.Message):
+    __slots__ = ("expected_silo", "worker_version")
+    EXPECTED_SILO_FIELD_NUMBER: _ClassVar[int]
+    WORKER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    expected_silo: str
+    worker_version: str
+    def __init__(self, expected_silo: _Optional[str] = ..., worker_version: _Optional[str] = ...) -> None: ...
+
+class JoinReply(_message.Message):
+    __slots__ = ("job", "silo", "current_round", "total_rounds", "max_chunk_bytes", "codecs")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    SILO_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_ROUND_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CODECS_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    silo: str
+    current_round: int
+    total_rounds: int
+    max_chunk_bytes: int
+    codecs: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, job: _Optional[str] = ..., silo: _Optional[str] = ..., current_round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., codecs: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class TaskRequest(_message.Message):
+    __slots__ = ("after_round", "wait_seconds")
+    AFTER_ROUND_FIELD_NUMBER: _ClassVar[int]
+    WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    after_round: int
+    wait_seconds: float
+    def __init__(self, after_round: _Optional[int] = ..., wait_seconds: _Optional[float] = ...) -> None: ...
+
+class Task(_message.Message):
+    __slots__ = ("state", "round", "deadline_unix", "message")
+    class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        STATE_UNSPECIFIED: _ClassVar[Task.State]
+        TRAIN: _ClassVar[Task.State]
+        WAIT: _ClassVar[Task.State]
+        DONE: _ClassVar[Task.State]
+        FAILED: _ClassVar[Task.State]
+    STATE_UNSPECIFIED: Task.State
+    TRAIN: Task.State
+    WAIT: Task.State
+    DONE: Task.State
+    FAILED: Task.State
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_UNIX_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    state: Task.State
+    round: int
+    deadline_unix: float
+    message: str
+    def __init__(self, state: _Optional[_Union[Task.State, str]] = ..., round: _Optional[int] = ..., deadline_unix: _Optional[float] = ..., message: _Optional[str] = ...) -> None: ...
+
+class DownloadRequest(_message.Message):
+    __slots__ = ("round",)
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    def __init__(self, round: _Optional[int] = ...) -> None: ...
+
+class TensorSpec(_message.Message):
+    __slots__ = ("name", "shape", "dtype")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: str
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ...) -> None: ...
+
+class Chunk(_message.Message):
+    __slots__ = ("seq", "tensor", "offset", "count", "codec", "payload", "crc32", "params")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    CRC32_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    tensor: TensorSpec
+    offset: int
+    count: int
+    codec: str
+    payload: bytes
+    crc32: int
+    params: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, seq: _Optional[int] = ..., tensor: _Optional[_Union[TensorSpec, _Mapping]] = ..., offset: _Optional[int] = ..., count: _Optional[int] = ..., codec: _Optional[str] = ..., payload: _Optional[bytes] = ..., crc32: _Optional[int] = ..., params: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class UpdateHeader(_message.Message):
+    __slots__ = ("round", "upload_id", "num_samples", "local_steps", "train_loss", "total_chunks", "raw_bytes", "resume_from")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    RAW_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FROM_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    upload_id: str
+    num_samples: int
+    local_steps: int
+    train_loss: float
+    total_chunks: int
+    raw_bytes: int
+    resume_from: int
+    def __init__(self, round: _Optional[int] = ..., upload_id: _Optional[str] = ..., num_samples: _Optional[int] = ..., local_steps: _Optional[int] = ..., train_loss: _Optional[float] = ..., total_chunks: _Optional[int] = ..., raw_bytes: _Optional[int] = ..., resume_from: _Optional[int] = ...) -> None: ...
+
+class UpdateTrailer(_message.Message):
+    __slots__ = ("total_chunks",)
+    TOTAL_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    total_chunks: int
+    def __init__(self, total_chunks: _Optional[int] = ...) -> None: ...
+
+class UploadMessage(_message.Message):
+    __slots__ = ("header", "chunk", "trailer")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    TRAILER_FIELD_NUMBER: _ClassVar[int]
+    header: UpdateHeader
+    chunk: Chunk
+    trailer: UpdateTrailer
+    def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., trailer: _Optional[_Union[UpdateTrailer, _Mapping]] = ...) -> None: ...
+
+class UploadReceipt(_message.Message):
+    __slots__ = ("round", "bytes_received", "accepted")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    bytes_received: int
+    accepted: bool
+    def __init__(self, round: _Optional[int] = ..., bytes_received: _Optional[int] = ..., accepted: _Optional[bool] = ...) -> None: ...
+
+class QueryUploadRequest(_message.Message):
+    __slots__ = ("round", "upload_id")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    upload_id: str
+    def __init__(self, round: _Optional[int] = ..., upload_id: _Optional[str] = ...) -> None: ...
+
+class QueryUploadReply(_message.Message):
+    __slots__ = ("next_seq",)
+    NEXT_SEQ_FIELD_NUMBER: _ClassVar[int]
+    next_seq: int
+    def __init__(self, next_seq: _Optional[int] = ...) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SiloStatus(_message.Message):
+    __slots__ = ("name", "state", "last_round", "last_train_loss", "bytes_up")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    LAST_ROUND_FIELD_NUMBER: _ClassVar[int]
+    LAST_TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_UP_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    state: str
+    last_round: int
+    last_train_loss: float
+    bytes_up: int
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., last_round: _Optional[int] = ..., last_train_loss: _Optional[float] = ..., bytes_up: _Optional[int] = ...) -> None: ...
+
+class RoundMetrics(_message.Message):
+    __slots__ = ("round", "train_loss", "eval_loss", "participants", "bytes_up", "bytes_down", "compression_ratio", "seconds")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_UP_FIELD_NUMBER: _ClassVar[int]
+    BYTES_DOWN_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_RATIO_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    train_loss: float
+    eval_loss: float
+    participants: int
+    bytes_up: int
+    bytes_down: int
+    compression_ratio: float
+    seconds: float
+    def __init__(self, round: _Optional[int] = ..., train_loss: _Optional[float] = ..., eval_loss: _Optional[float] = ..., participants: _Optional[int] = ..., bytes_up: _Optional[int] = ..., bytes_down: _Optional[int] = ..., compression_ratio: _Optional[float] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class JobStatus(_message.Message):
+    __slots__ = ("job", "phase", "round", "total_rounds", "silos", "last_round", "message", "updates_rejected")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    SILOS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ROUND_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    UPDATES_REJECTED_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    phase: str
+    round: int
+    total_rounds: int
+    silos: _containers.RepeatedCompositeFieldContainer[SiloStatus]
+    last_round: RoundMetrics
+    message: str
+    updates_rejected: int
+    def __init__(self, job: _Optional[str] = ..., phase: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., silos: _Optional[_Iterable[_Union[SiloStatus, _Mapping]]] = ..., last_round: _Optional[_Union[RoundMetrics, _Mapping]] = ..., message: _Optional[str] = ..., updates_rejected: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,262 @@
+"""`fedjob run`: the aggregator and every silo as local processes on loopback, with mTLS and a live view.
+
+Each component runs exactly the command its Kubernetes pod would run
+(`fedjob aggregator`, `fedjob worker`), so a local run exercises the same code.
+The aggregator is supervised: if it dies it is restarted on the same port and
+resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import grpc
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+
+from fedjob.spec import FederatedJob
+from fedjob.tls import write_job_certs
+from fedjob.v1 import fedjob_pb2 as pb
+from fedjob.v1 import fedjob_pb2_grpc as pb_grpc
+
+MAX_AGGREGATOR_RESTARTS = 5
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Proc:
+    name: str
+    argv: list[str]
+    log_path: Path
+    popen: subprocess.Popen[bytes] | None = None
+    log: IO[bytes] | None = None
+    restarts: int = 0
+
+    env: dict[str, str] | None = None
+
+    def start(self) -> None:
+        self.log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
+        self.popen = subprocess.Popen(self.argv, stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
+
+    def poll(self) -> int | None:
+        return self.popen.poll() if self.popen else None
+
+    def stop(self, timeout: float = 10) -> None:
+        if self.popen and self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        if self.log:
+            self.log.close()
+
+
+@dataclass
+class LocalRun:
+    job_file: Path
+    job: FederatedJob
+    out: Path
+    console: Console = field(default_factory=Console)
+
+    def __post_init__(self) -> None:
+        self.port = _free_port()
+        self.certs = write_job_certs(self.out / "certs", self.job.name, self.job.silo_names())
+        (self.out / "logs").mkdir(parents=True, exist_ok=True)
+        base = [sys.executable, "-m", "fedjob_cli.main"]
+        self.aggregator = Proc(
+            "aggregator",
+            [*base, "aggregator", str(self.job_file), "--certs", str(self.certs.root), "--workdir", str(self.out),
+             "--port", str(self.port), "--metrics-port", "0"],
+            self.out / "logs" / "aggregator.log",
+        )
+        self.workers = [
+            Proc(
+                s.name,
+                [*base, "worker", str(self.job_file), "--silo", s.name, "--certs", str(self.certs.root),
+                 "--aggregator", f"127.0.0.1:{self.port}"],
+                self.out / "logs" / f"silo-{s.name}.log",
+            )
+            for s in self.job.spec.silos
+        ]
+        # All silos share this machine: without a cap each process starts one busy-waiting
+        # OpenMP thread per core and a round takes ten times longer.
+        procs = sum(s.processes for s in self.job.spec.silos)
+        threads = str(max(1, (os.cpu_count() or 1) // procs))
+        for w in self.workers:
+            w.env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        self.aggregator.env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        ca, cert, key = self.certs.load("observer")
+        creds = grpc.ssl_channel_credentials(ca, key, cert)
+        self.channel = grpc.secure_channel(f"127.0.0.1:{self.port}", creds)
+        self.stub = pb_grpc.FederatedTrainingStub(self.channel)
+
+    def status(self) -> pb.JobStatus | None:
+        try:
+            return self.stub.GetStatus(pb.StatusRequest(), timeout=2)
+        except grpc.RpcError:
+            return None
+
+    def run(self) -> int:
+        started = time.time()
+        self.console.print(
+            f"[bold]fedjob run[/] job [cyan]{self.job.name}[/]: {len(self.workers)} silos, "
+            f"{self.job.spec.rounds} rounds, mode {self.job.spec.training.mode}, "
+            f"ZeRO-{self.job.spec.training.deepspeed.zero_stage}, codec {self.job.spec.compression.codec}"
+            f"{'+zstd' if self.job.spec.compression.zstd else ''}; output in {self.out}"
+        )
+        self.aggregator.start()
+        for w in self.workers:
+            w.start()
+        last: pb.JobStatus | None = None
+        shown_round = -1
+        live = Live(self._view(None, started), console=self.console, refresh_per_second=4) if self.console.is_terminal else None
+        try:
+            if live:
+                live.start()
+            while True:
+                time.sleep(0.5)
+                st = self.status()
+                last = st or last
+                if live:
+                    live.update(self._view(last, started))
+                elif st and st.round != shown_round:
+                    shown_round = st.round
+                    self.console.print(self._line(st, started))
+                rc = self.aggregator.poll()
+                if rc is None:
+                    continue
+                if rc == 0 or (last is not None and last.phase == "Failed"):
+                    break
+                if self.aggregator.restarts >= MAX_AGGREGATOR_RESTARTS:
+                    self.console.print(f"[red]aggregator failed {self.aggregator.restarts + 1} times; giving up[/]")
+                    break
+                self.aggregator.restarts += 1
+                self.console.print(f"[yellow]aggregator exited with {rc}; restarting from its last checkpoint[/]")
+                self.aggregator.start()
+        except KeyboardInterrupt:
+            self.console.print("[yellow]interrupted; stopping (checkpoints are kept, run again to resume)[/]")
+        finally:
+            if live:
+                live.stop()
+            deadline = time.time() + 30
+            for w in self.workers:
+                while w.poll() is None and time.time() < deadline:
+                    time.sleep(0.2)
+                w.stop()
+            self.aggregator.stop()
+            self.channel.close()
+        return self._summary(started)
+
+    # ----- display ----------------------------------------------------------------------------------
+
+    def _line(self, st: pb.JobStatus, started: float) -> str:
+        lr = st.last_round
+        tail = ""
+        if st.round and lr.round:
+            ev = "" if math.isnan(lr.eval_loss) else f" eval {lr.eval_loss:.4f}"
+            tail = (f" | train {lr.train_loss:.4f}{ev} | {lr.participants} silos | up {lr.bytes_up:,} B"
+                    f" (x{lr.compression_ratio:.1f}) | {lr.seconds:.1f} s")
+        return f"[{time.time() - started:6.1f}s] round {st.round}/{st.total_rounds} {st.phase}{tail}"
+
+    def _view(self, st: pb.JobStatus | None, started: float) -> Group:
+        if st is None:
+            return Group(f"starting the aggregator and {len(self.workers)} silos ...")
+        head = Table.grid(padding=(0, 1))
+        head.add_row(f"round {st.round}/{st.total_rounds}", ProgressBar(total=st.total_rounds, completed=st.round, width=40),
+                     st.phase, f"{time.time() - started:.0f} s")
+        silos = Table("silo", "state", "last round", "train loss", "bytes up", title="silos", title_justify="left")
+        for s in st.silos:
+            loss = "" if math.isnan(s.last_train_loss) else f"{s.last_train_loss:.4f}"
+            silos.add_row(s.name, s.state, str(s.last_round or ""), loss, f"{s.bytes_up:,}")
+        parts: list[Any] = [head, silos]
+        if st.last_round.round:
+            lr = st.last_round
+            rounds = Table("round", "train loss", "eval loss", "silos", "bytes up", "bytes down", "ratio", "seconds",
+                           title="last round", title_justify="left")
+            rounds.add_row(str(lr.round), f"{lr.train_loss:.4f}", "" if math.isnan(lr.eval_loss) else f"{lr.eval_loss:.4f}",
+                           str(lr.participants), f"{lr.bytes_up:,}", f"{lr.bytes_down:,}", f"{lr.compression_ratio:.2f}",
+                           f"{lr.seconds:.1f}")
+            parts.append(rounds)
+        if st.updates_rejected:
+            parts.append(f"[yellow]{st.updates_rejected} updates or chunks refused (see logs/aggregator.log)[/]")
+        return Group(*parts)
+
+    def _summary(self, started: float) -> int:
+        metrics = self.out / "metrics.jsonl"
+        history = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+        if history:
+            plot_losses(history, self.out / "loss.png")
+        table = Table("round", "train loss", *(f"{s.name}" for s in self.job.spec.silos), "eval loss",
+                      "bytes up", "ratio", "seconds", title=f"{self.job.name}: per-round results")
+        for r in history:
+            table.add_row(
+                str(r["round"]), f"{r['train_loss']:.4f}",
+                *(f"{r['silo_train_loss'][s.name]:.4f}" if s.name in r["silo_train_loss"] else "-"
+                  for s in self.job.spec.silos),
+                "-" if r["eval_loss"] is None else f"{r['eval_loss']:.4f}",
+                f"{r['bytes_up']:,}", f"{r['compression_ratio'] or 0:.2f}", f"{r['seconds']:.1f}",
+            )
+        self.console.print(table)
+        done = len(history) >= self.job.spec.rounds
+        result = self.out / ("adapter" if self.job.spec.training.mode == "lora" else "model")
+        elapsed = time.time() - started
+        if done and result.exists():
+            self.console.print(f"[green]Succeeded[/] in {elapsed:.0f} s. Result: {result}; metrics: {metrics}; "
+                               f"plot: {self.out / 'loss.png'}; logs: {self.out / 'logs'}")
+            return 0
+        self.console.print(f"[red]Job did not finish[/] ({len(history)}/{self.job.spec.rounds} rounds, "
+                           f"{elapsed:.0f} s). See {self.out / 'logs'}.")
+        return 1
+
+
+def plot_losses(history: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    silos = sorted({s for r in history for s in r["silo_train_loss"]})
+    for s in silos:
+        pts = [(r["round"], r["silo_train_loss"][s]) for r in history if s in r["silo_train_loss"]]
+        ax.plot(*zip(*pts, strict=True), marker="o", label=f"{s} (train)")
+    ax.plot([r["round"] for r in history], [r["train_loss"] for r in history], "k--", label="mean train")
+    ev = [(r["round"], r["eval_loss"]) for r in history if r["eval_loss"] is not None]
+    if ev:
+        ax.plot(*zip(*ev, strict=True), "k-", linewidth=2, label="global eval")
+    ax.set_xlabel("round")
+    ax.set_ylabel("loss (nats/byte)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_local(job_file: Path, job: FederatedJob, out: Path, fresh: bool = False) -> int:
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return LocalRun(job_file, job, out).run()
+
+

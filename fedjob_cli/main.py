@@ -1,0 +1,174 @@
+"""`fedjob`: the command line, and the entrypoint of every pod the operator creates."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from fedjob.spec import SpecError, load_job, local_path_problems
+
+DEFAULT_CACHE = Path(os.environ.get("FEDJOB_CACHE", Path.home() / ".cache" / "fedjob"))
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    # DeepSpeed and friends are chatty at INFO.
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _job(path: str, check_paths: bool = True):  # type: ignore[no-untyped-def]
+    job = load_job(path)
+    if check_paths:
+        problems = local_path_problems(job)
+        if problems:
+            raise SpecError(path, tuple(problems))
+    return job
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    job = _job(args.file, check_paths=args.check_paths)
+    print(f"{args.file}: valid FederatedJob {job.name!r} ({len(job.spec.silos)} silos, "
+          f"{job.spec.rounds} rounds, mode {job.spec.training.mode})")
+    return 0
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from fedjob.tls import write_job_certs
+
+    job = _job(args.file, check_paths=False)
+    files = write_job_certs(Path(args.out), job.name, job.silo_names(), job.metadata.namespace, args.days)
+    for p in sorted(files.root.iterdir()):
+        print(p)
+    return 0
+
+
+def cmd_aggregator(args: argparse.Namespace) -> int:
+    from fedjob_aggregator.server import AggregatorOptions, serve
+
+    job = _job(args.file, check_paths=args.check_paths)
+    return serve(job, AggregatorOptions(
+        certs=Path(args.certs), workdir=Path(args.workdir), host=args.host, port=args.port,
+        metrics_port=args.metrics_port,
+    ))
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from fedjob_worker.runner import WorkerOptions, run_silo
+
+    job = _job(args.file, check_paths=False)
+    try:
+        job.silo(args.silo)
+    except KeyError as exc:
+        raise SpecError(args.file, (f"--silo: {exc.args[0]}",)) from None
+    problems = local_path_problems(job, only_silo=args.silo)
+    if problems:
+        raise SpecError(args.file, tuple(problems))
+    return run_silo(job, WorkerOptions(silo=args.silo, address=args.aggregator, certs=Path(args.certs),
+                                       server_name=args.server_name))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fedjob_cli.local_run import run_local
+
+    job = _job(args.file)
+    out = Path(args.out) if args.out else Path("runs") / job.name
+    return run_local(Path(args.file), job, out, fresh=args.fresh)
+
+
+def cmd_example(args: argparse.Namespace) -> int:
+    from fedjob.corpora import python_docstrings, write_silo_folders
+    from fedjob.modeling import build_tiny_model
+
+    out = Path(args.out)
+    model = out / "models" / "tiny-gpt2"
+    if not (model / "config.json").exists() or args.force:
+        build_tiny_model(model, pretrain_text=python_docstrings(300_000))
+        print(f"built {model} (pre-trained briefly on standard-library docstrings)")
+    if not (out / "data" / "eval").exists() or args.force:
+        for name, folder in write_silo_folders(out / "data").items():
+            print(f"wrote {name}: {folder}")
+    return 0
+
+
+def cmd_warmup(args: argparse.Namespace) -> int:
+    """Compile DeepSpeed's CPU communication op once, into the cache."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(DEFAULT_CACHE / "torch_extensions"))
+    from fedjob_worker.runner import free_port
+    from fedjob_worker.trainer import init_distributed
+
+    init_distributed(0, 1, free_port())
+    print("DeepSpeed is ready (extensions cached in", os.environ["TORCH_EXTENSIONS_DIR"] + ")")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedjob", description="Federated training of language models.")
+    p.add_argument("--log-level", default=os.environ.get("FEDJOB_LOG_LEVEL", "info"))
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("run", help="run a whole FederatedJob on this machine (aggregator + every silo)")
+    s.add_argument("file")
+    s.add_argument("--out", help="output folder (default runs/<job name>)")
+    s.add_argument("--fresh", action="store_true", help="discard an earlier run's checkpoints in --out")
+    s.set_defaults(fn=cmd_run)
+
+    s = sub.add_parser("validate", help="check a FederatedJob file and list every problem")
+    s.add_argument("file")
+    s.add_argument("--check-paths", action=argparse.BooleanOptionalAction, default=False,
+                   help="also check that the model and data folders exist on this machine")
+    s.set_defaults(fn=cmd_validate)
+
+    s = sub.add_parser("certs", help="create the job CA and every certificate")
+    s.add_argument("file")
+    s.add_argument("--out", required=True)
+    s.add_argument("--days", type=int, default=365)
+    s.set_defaults(fn=cmd_certs)
+
+    s = sub.add_parser("aggregator", help="serve the aggregator of a job")
+    s.add_argument("file")
+    s.add_argument("--certs", required=True)
+    s.add_argument("--workdir", required=True, help="checkpoints, metrics and the result go here")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=50051)
+    s.add_argument("--metrics-port", type=int, default=9090)
+    s.add_argument("--check-paths", action=argparse.BooleanOptionalAction, default=True)
+    s.set_defaults(fn=cmd_aggregator)
+
+    s = sub.add_parser("worker", help="run one silo of a job")
+    s.add_argument("file")
+    s.add_argument("--silo", required=True)
+    s.add_argument("--certs", required=True)
+    s.add_argument("--aggregator", required=True, help="host:port of the aggregator")
+    s.add_argument("--server-name", help="TLS name to expect on the aggregator's certificate")
+    s.set_defaults(fn=cmd_worker)
+
+    s = sub.add_parser("example", help="build the tiny example model and the example silo data")
+    s.add_argument("--out", default="examples")
+    s.add_argument("--force", action="store_true")
+    s.set_defaults(fn=cmd_example)
+
+    s = sub.add_parser("warmup", help="compile DeepSpeed's CPU ops into the cache")
+    s.set_defaults(fn=cmd_warmup)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(DEFAULT_CACHE / "torch_extensions"))
+    try:
+        return int(args.fn(args))
+    except SpecError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""The silo's side of the wire: mTLS channel, retries with backoff, chunked download and upload."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+import numpy as np
+
+from fedjob.chunking import ChunkValidator, State, TensorInfo, assemble, count_chunks, iter_chunks
+from fedjob.codec import Codec
+from fedjob.tls import CertFiles
+from fedjob.v1 import fedjob_pb2 as pb
+from fedjob.v1 import fedjob_pb2_grpc as pb_grpc
+
+log = logging.getLogger("fedjob.worker")
+T = TypeVar("T")
+
+# Worth trying again: the aggregator restarting, a network blip, a resumable upload.
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED}
+
+
+class UpdateRefused(Exception):
+    """The aggregator refused this update for good (bad content, closed round, replay)."""
+
+
+@dataclass
+class Backoff:
+    initial: float = 0.5
+    maximum: float = 15.0
+    give_up_after: float = 900.0
+
+    def delays(self) -> Iterator[float]:
+        delay, start = self.initial, time.monotonic()
+        while time.monotonic() - start < self.give_up_after:
+            yield delay * (0.5 + random.random())  # jitter: silos must not reconnect in lockstep
+            delay = min(delay * 2, self.maximum)
+
+
+class AggregatorClient:
+    def __init__(self, address: str, certs: CertFiles, silo: str, chunk_bytes: int, backoff: Backoff | None = None,
+                 server_name: str | None = None) -> None:
+        ca, cert, key = certs.load(f"silo-{silo}")
+        creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+        limit = chunk_bytes + (1 << 20)
+        options = [
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.keepalive_time_ms", 30_000),
+        ]
+        if server_name:
+            options.append(("grpc.ssl_target_name_override", server_name))
+        self.channel = grpc.secure_channel(address, creds, options=options)
+        self.stub = pb_grpc.FederatedTrainingStub(self.channel)
+        self.silo = silo
+        self.backoff = backoff or Backoff()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _retry(self, what: str, call: Callable[[], T]) -> T:
+        last: grpc.RpcError | None = None
+        for delay in self.backoff.delays():
+            try:
+                return call()
+            except grpc.RpcError as exc:
+                if exc.code() not in RETRYABLE:
+                    raise
+                last = exc
+                log.info("%s: %s (%s); retrying in %.1f s", what, exc.code().name, exc.details(), delay)
+                time.sleep(delay)
+        assert last is not None
+        raise last
+
+    def join(self) -> pb.JoinReply:
+        return self._retry("join", lambda: self.stub.Join(pb.JoinRequest(expected_silo=self.silo, worker_version="0.1.0")))
+
+    def next_task(self, after_round: int) -> pb.Task:
+        while True:
+            task = self._retry(
+                "task", lambda: self.stub.GetTask(pb.TaskRequest(after_round=after_round, wait_seconds=20), timeout=40)
+            )
+            if task.state != pb.Task.WAIT:
+                return task
+
+    def download(self, round_number: int, manifest: dict[str, TensorInfo], codec: Codec, chunk_bytes: int) -> tuple[State, int]:
+        def once() -> tuple[State, int]:
+            validator = ChunkValidator(manifest, codec, chunk_bytes)
+            state = assemble(self.stub.DownloadGlobal(pb.DownloadRequest(round=round_number)), validator)
+            return state, validator.payload_bytes
+
+        return self._retry("download", once)
+
+    def upload(
+        self, round_number: int, delta: State, codec: Codec, chunk_bytes: int, seed: int,
+        num_samples: int, local_steps: int, train_loss: float,
+    ) -> int:
+        """Stream one update; resumes where the aggregator stopped if the stream breaks. Returns bytes sent."""
+        upload_id = uuid.uuid4().hex
+        manifest = {n: TensorInfo(n, tuple(v.shape)) for n, v in delta.items()}
+        total = count_chunks(manifest, codec, chunk_bytes)
+        raw = 4 * sum(v.size for v in delta.values())
+        sent = 0
+
+        def attempt() -> pb.UploadReceipt:
+            nonlocal sent
+            start = self.stub.QueryUpload(pb.QueryUploadRequest(round=round_number, upload_id=upload_id)).next_seq
+            header = pb.UpdateHeader(
+                round=round_number, upload_id=upload_id, num_samples=num_samples, local_steps=local_steps,
+                train_loss=train_loss, total_chunks=total, raw_bytes=raw, resume_from=start,
+            )
+
+            def messages() -> Iterator[pb.UploadMessage]:
+                nonlocal sent
+                yield pb.UploadMessage(header=header)
+                # Same seed each attempt: a resumed upload continues the very same encoding.
+                for chunk in iter_chunks(delta, codec, chunk_bytes, np.random.default_rng(seed)):
+                    if chunk.seq >= start:
+                        sent += len(chunk.payload)
+                        yield pb.UploadMessage(chunk=chunk)
+                yield pb.UploadMessage(trailer=pb.UpdateTrailer(total_chunks=total))
+
+            return self.stub.UploadUpdate(messages())
+
+        try:
+            self._retry("upload", attempt)
+        except grpc.RpcError as exc:
+            raise UpdateRefused(f"{exc.code().name}: {exc.details()}") from None
+        return sent

@@ -1,0 +1,129 @@
+"""A silo: its training processes, and rank 0's conversation with the aggregator, round after round."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import socket
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedjob.chunking import manifest_of
+from fedjob.codec import Codec
+from fedjob.spec import FederatedJob
+from fedjob.tls import CertFiles
+from fedjob.v1 import fedjob_pb2 as pb
+
+log = logging.getLogger("fedjob.worker")
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    silo: str
+    address: str
+    certs: Path
+    server_name: str | None = None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_silo(job: FederatedJob, opts: WorkerOptions) -> int:
+    """Run every process of the silo (or just this one, under torchrun / a launcher that set RANK)."""
+    job.silo(opts.silo)  # KeyError with a clear message when the silo is not in the job
+    world = job.silo(opts.silo).processes
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return _rank_main(job, opts, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
+                          int(os.environ.get("MASTER_PORT", "29500")))
+    if world == 1:
+        return _rank_main(job, opts, 0, 1, free_port())
+    port = free_port()
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_rank_entry, args=(job, opts, r, world, port), name=f"{opts.silo}-rank{r}")
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    codes = []
+    for p in procs:
+        p.join()
+        codes.append(p.exitcode or 0)
+    return max(codes, key=abs)
+
+
+def _rank_entry(job: FederatedJob, opts: WorkerOptions, rank: int, world: int, port: int) -> None:
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{rank} %(name)s %(levelname)s %(message)s")
+    raise SystemExit(_rank_main(job, opts, rank, world, port))
+
+
+def _rank_main(job: FederatedJob, opts: WorkerOptions, rank: int, world: int, port: int) -> int:
+    import torch.distributed as dist
+
+    from fedjob_worker.client import AggregatorClient, UpdateRefused
+    from fedjob_worker.trainer import LocalTrainer, init_distributed
+
+    init_distributed(rank, world, port)
+    trainer = LocalTrainer(job, opts.silo, rank, world)
+    comp = job.spec.compression
+    codec = Codec.from_spec(comp.codec, comp.zstd)
+    download_codec = Codec.from_spec("none", comp.zstd)
+    manifest = manifest_of(trainer.manifest_state())
+    client = None
+    if rank == 0:
+        client = AggregatorClient(opts.address, CertFiles(opts.certs), opts.silo, comp.chunk_bytes,
+                                  server_name=opts.server_name)
+        reply = client.join()
+        log.info("silo %s joined job %s at round %d/%d", reply.silo, reply.job, reply.current_round, reply.total_rounds)
+    last_round = 0
+    exit_code = 0
+    while True:
+        box: list[Any] = [None]
+        if client is not None:
+            task = client.next_task(last_round)
+            box[0] = (task.state, task.round, task.message)
+        dist.broadcast_object_list(box, src=0)
+        state, round_number, message = box[0]
+        if state == pb.Task.DONE:
+            log.info("job finished after round %d", round_number)
+            break
+        if state == pb.Task.FAILED:
+            log.error("job failed: %s", message)
+            exit_code = 1
+            break
+        glob: list[Any] = [None]
+        if client is not None:
+            started = time.time()
+            glob[0], nbytes = client.download(round_number, manifest, download_codec, comp.chunk_bytes)
+            log.info("round %d: downloaded %d bytes in %.2f s", round_number, nbytes, time.time() - started)
+        dist.broadcast_object_list(glob, src=0)
+        global_state = glob[0]
+        started = time.time()
+        result = trainer.train(round_number, global_state)
+        log.info("round %d: %d local steps, loss %.4f, %.1f s", round_number, result.steps, result.train_loss,
+                 time.time() - started)
+        if client is not None:
+            delta = {n: result.state[n] - global_state[n] for n in global_state}
+            try:
+                sent = client.upload(
+                    round_number, delta, codec, comp.chunk_bytes,
+                    seed=zlib.crc32(f"{job.spec.training.seed}/{round_number}/{opts.silo}".encode()),
+                    num_samples=trainer.num_samples, local_steps=result.steps,
+                    train_loss=result.train_loss,
+                )
+                log.info("round %d: update sent, %d bytes (%s)", round_number, sent, codec.name)
+            except UpdateRefused as exc:
+                log.error("round %d: update refused: %s", round_number, exc)
+        last_round = round_number
+    if client is not None:
+        client.close()
+    dist.barrier()
+    # Tear the process group down before interpreter exit: left to atexit, DeepSpeed's
+    # shared-memory communicator aborts the process and the pod would read as failed.
+    dist.destroy_process_group()
+    return exit_code
