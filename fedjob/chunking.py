@@ -50,8 +50,14 @@ def iter_chunks(
             part = flat[offset : offset + per_chunk]
             payload = codec.encode(part, rng)
             yield pb.Chunk(
-                seq=seq, tensor=spec, offset=offset, count=part.size, codec=codec.name,
-                payload=payload.data, crc32=zlib.crc32(payload.data), params=payload.params,
+                seq=seq,
+                tensor=spec,
+                offset=offset,
+                count=part.size,
+                codec=codec.name,
+                payload=payload.data,
+                crc32=zlib.crc32(payload.data),
+                params=payload.params,
             )
             seq += 1
 
@@ -104,7 +110,7 @@ class ChunkValidator:
         if chunk.codec != self.codec.name:
             raise ChunkRejected("codec", f"codec {chunk.codec!r}, this job uses {self.codec.name!r}")
         done = self.filled.get(name, 0)
-        if chunk.offset != done or chunk.count == 0 and info.size > 0:
+        if chunk.offset != done or (chunk.count == 0 and info.size > 0):
             raise ChunkRejected("out_of_order", f"{name}: chunk at offset {chunk.offset}, expected {done}")
         if chunk.offset + chunk.count > info.size:
             raise ChunkRejected(

@@ -43,7 +43,7 @@ def load_base_model(job: FederatedJob) -> Any:
         cfg = dict(m.config)
         config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     seed_everything(job.spec.training.seed)
-    return AutoModelForCausalLM.from_config(config)
+    return AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
 
 
 def _uses_conv1d(model: Any, targets: list[str]) -> bool:
@@ -66,7 +66,7 @@ def build_model(job: FederatedJob) -> Any:
         seed_everything(job.spec.training.seed)  # the same initial A everywhere
         config = LoraConfig(
             r=lora.r,
-            lora_alpha=lora.alpha,
+            lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft annotates int, accepts float
             lora_dropout=lora.dropout,
             target_modules=lora.target_modules,
             fan_in_fan_out=_uses_conv1d(model, lora.target_modules),
@@ -122,8 +122,13 @@ def save_result(job: FederatedJob, state: State, out: Path) -> Path:
 
 
 def build_tiny_model(
-    out: Path, seed: int = 0, n_embd: int = 128, n_layer: int = 2, n_head: int = 4,
-    pretrain_text: str | None = None, pretrain_steps: int = 300,
+    out: Path,
+    seed: int = 0,
+    n_embd: int = 128,
+    n_layer: int = 2,
+    n_head: int = 4,
+    pretrain_text: str | None = None,
+    pretrain_steps: int = 300,
 ) -> Path:
     """A small byte-level GPT-2 built from a config (no download), saved in Hugging Face layout.
 
@@ -136,8 +141,13 @@ def build_tiny_model(
 
     seed_everything(seed)
     config = GPT2Config(
-        vocab_size=VOCAB_SIZE, n_positions=512, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
-        bos_token_id=0, eos_token_id=0,
+        vocab_size=VOCAB_SIZE,
+        n_positions=512,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     model = GPT2LMHeadModel(config)
     if pretrain_text:

@@ -33,9 +33,7 @@ Algorithm = Literal["fedavg"]
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
-    )
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
 
 
 class ObjectMeta(BaseModel):
@@ -101,7 +99,9 @@ class TrainingSpec(_Spec):
 
 
 class DataSpec(_Spec):
-    path: str = Field(min_length=1, description="Folder of UTF-8 .txt files (in the pod: where it is mounted).")
+    path: str = Field(
+        min_length=1, description="Folder of UTF-8 .txt files (in the pod: where it is mounted)."
+    )
 
 
 class SiloSpec(_Spec):
@@ -144,11 +144,11 @@ class JobSpec(_Spec):
         if dupes:
             raise ValueError(f"silos: names must be unique, repeated: {', '.join(dupes)}")
         if self.aggregation.min_silos > len(self.silos):
-            raise ValueError(
-                f"aggregation.minSilos: must be at most the number of silos ({len(self.silos)})"
-            )
+            raise ValueError(f"aggregation.minSilos: must be at most the number of silos ({len(self.silos)})")
         if self.training.mode in ("full", "lora") and self.model.path is None:
-            raise ValueError(f"model.path: training mode {self.training.mode!r} starts from a pretrained model")
+            raise ValueError(
+                f"model.path: training mode {self.training.mode!r} starts from a pretrained model"
+            )
         return self
 
 
@@ -257,10 +257,14 @@ def resolve_paths(job: FederatedJob, base: Path) -> FederatedJob:
         return str((base / value).resolve()) if not Path(value).is_absolute() else value
 
     spec = job.spec
-    model = spec.model.model_copy(update={"path": absolute(spec.model.path)}) if spec.model.path else spec.model
+    model = (
+        spec.model.model_copy(update={"path": absolute(spec.model.path)}) if spec.model.path else spec.model
+    )
     silos = [s.model_copy(update={"data": DataSpec(path=absolute(s.data.path))}) for s in spec.silos]
     ev = spec.eval.model_copy(update={"path": absolute(spec.eval.path)}) if spec.eval else None
-    return job.model_copy(update={"spec": spec.model_copy(update={"model": model, "silos": silos, "eval": ev})})
+    return job.model_copy(
+        update={"spec": spec.model_copy(update={"model": model, "silos": silos, "eval": ev})}
+    )
 
 
 def local_path_problems(job: FederatedJob, only_silo: str | None = None) -> list[str]:
@@ -274,7 +278,9 @@ def local_path_problems(job: FederatedJob, only_silo: str | None = None) -> list
         if not mp.is_dir():
             problems.append(f"spec.model.path: folder not found: {mp}")
         elif not (mp / "config.json").is_file():
-            problems.append(f"spec.model.path: no config.json in {mp} (expected a Hugging Face-layout folder)")
+            problems.append(
+                f"spec.model.path: no config.json in {mp} (expected a Hugging Face-layout folder)"
+            )
     for i, s in enumerate(job.spec.silos):
         if only_silo is not None and s.name != only_silo:
             continue

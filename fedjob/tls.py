@@ -104,7 +104,9 @@ def issue(
     sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity.uri)]
     sans += [x509.DNSName(d) for d in dns_names]
     sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in ip_addresses]
-    usage = ExtendedKeyUsageOID.SERVER_AUTH if identity.role == "aggregator" else ExtendedKeyUsageOID.CLIENT_AUTH
+    usage = (
+        ExtendedKeyUsageOID.SERVER_AUTH if identity.role == "aggregator" else ExtendedKeyUsageOID.CLIENT_AUTH
+    )
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, identity.name)]))
@@ -177,7 +179,10 @@ def write_job_certs(
         ca = create_ca(job, days)
         _write(files.ca, ca.cert_pem, 0o644)
         _write(root / "ca.key", ca.key_pem, 0o600)
-    wanted = {"aggregator": Identity(job, "aggregator", "aggregator"), "observer": Identity(job, "observer", "observer")}
+    wanted = {
+        "aggregator": Identity(job, "aggregator", "aggregator"),
+        "observer": Identity(job, "observer", "observer"),
+    }
     wanted |= {f"silo-{s}": Identity(job, "silo", s) for s in silos}
     for who, ident in wanted.items():
         if files.cert(who).exists() and files.key(who).exists():

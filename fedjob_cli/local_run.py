@@ -85,15 +85,35 @@ class LocalRun:
         base = [sys.executable, "-m", "fedjob_cli.main"]
         self.aggregator = Proc(
             "aggregator",
-            [*base, "aggregator", str(self.job_file), "--certs", str(self.certs.root), "--workdir", str(self.out),
-             "--port", str(self.port), "--metrics-port", "0"],
+            [
+                *base,
+                "aggregator",
+                str(self.job_file),
+                "--certs",
+                str(self.certs.root),
+                "--workdir",
+                str(self.out),
+                "--port",
+                str(self.port),
+                "--metrics-port",
+                "0",
+            ],
             self.out / "logs" / "aggregator.log",
         )
         self.workers = [
             Proc(
                 s.name,
-                [*base, "worker", str(self.job_file), "--silo", s.name, "--certs", str(self.certs.root),
-                 "--aggregator", f"127.0.0.1:{self.port}"],
+                [
+                    *base,
+                    "worker",
+                    str(self.job_file),
+                    "--silo",
+                    s.name,
+                    "--certs",
+                    str(self.certs.root),
+                    "--aggregator",
+                    f"127.0.0.1:{self.port}",
+                ],
                 self.out / "logs" / f"silo-{s.name}.log",
             )
             for s in self.job.spec.silos
@@ -129,7 +149,11 @@ class LocalRun:
             w.start()
         last: pb.JobStatus | None = None
         shown_round = -1
-        live = Live(self._view(None, started), console=self.console, refresh_per_second=4) if self.console.is_terminal else None
+        live = (
+            Live(self._view(None, started), console=self.console, refresh_per_second=4)
+            if self.console.is_terminal
+            else None
+        )
         try:
             if live:
                 live.start()
@@ -148,10 +172,14 @@ class LocalRun:
                 if rc == 0 or (last is not None and last.phase == "Failed"):
                     break
                 if self.aggregator.restarts >= MAX_AGGREGATOR_RESTARTS:
-                    self.console.print(f"[red]aggregator failed {self.aggregator.restarts + 1} times; giving up[/]")
+                    self.console.print(
+                        f"[red]aggregator failed {self.aggregator.restarts + 1} times; giving up[/]"
+                    )
                     break
                 self.aggregator.restarts += 1
-                self.console.print(f"[yellow]aggregator exited with {rc}; restarting from its last checkpoint[/]")
+                self.console.print(
+                    f"[yellow]aggregator exited with {rc}; restarting from its last checkpoint[/]"
+                )
                 self.aggregator.start()
         except KeyboardInterrupt:
             self.console.print("[yellow]interrupted; stopping (checkpoints are kept, run again to resume)[/]")
@@ -174,31 +202,58 @@ class LocalRun:
         tail = ""
         if st.round and lr.round:
             ev = "" if math.isnan(lr.eval_loss) else f" eval {lr.eval_loss:.4f}"
-            tail = (f" | train {lr.train_loss:.4f}{ev} | {lr.participants} silos | up {lr.bytes_up:,} B"
-                    f" (x{lr.compression_ratio:.1f}) | {lr.seconds:.1f} s")
+            tail = (
+                f" | train {lr.train_loss:.4f}{ev} | {lr.participants} silos | up {lr.bytes_up:,} B"
+                f" (x{lr.compression_ratio:.1f}) | {lr.seconds:.1f} s"
+            )
         return f"[{time.time() - started:6.1f}s] round {st.round}/{st.total_rounds} {st.phase}{tail}"
 
     def _view(self, st: pb.JobStatus | None, started: float) -> Group:
         if st is None:
             return Group(f"starting the aggregator and {len(self.workers)} silos ...")
         head = Table.grid(padding=(0, 1))
-        head.add_row(f"round {st.round}/{st.total_rounds}", ProgressBar(total=st.total_rounds, completed=st.round, width=40),
-                     st.phase, f"{time.time() - started:.0f} s")
-        silos = Table("silo", "state", "last round", "train loss", "bytes up", title="silos", title_justify="left")
+        head.add_row(
+            f"round {st.round}/{st.total_rounds}",
+            ProgressBar(total=st.total_rounds, completed=st.round, width=40),
+            st.phase,
+            f"{time.time() - started:.0f} s",
+        )
+        silos = Table(
+            "silo", "state", "last round", "train loss", "bytes up", title="silos", title_justify="left"
+        )
         for s in st.silos:
             loss = "" if math.isnan(s.last_train_loss) else f"{s.last_train_loss:.4f}"
             silos.add_row(s.name, s.state, str(s.last_round or ""), loss, f"{s.bytes_up:,}")
         parts: list[Any] = [head, silos]
         if st.last_round.round:
             lr = st.last_round
-            rounds = Table("round", "train loss", "eval loss", "silos", "bytes up", "bytes down", "ratio", "seconds",
-                           title="last round", title_justify="left")
-            rounds.add_row(str(lr.round), f"{lr.train_loss:.4f}", "" if math.isnan(lr.eval_loss) else f"{lr.eval_loss:.4f}",
-                           str(lr.participants), f"{lr.bytes_up:,}", f"{lr.bytes_down:,}", f"{lr.compression_ratio:.2f}",
-                           f"{lr.seconds:.1f}")
+            rounds = Table(
+                "round",
+                "train loss",
+                "eval loss",
+                "silos",
+                "bytes up",
+                "bytes down",
+                "ratio",
+                "seconds",
+                title="last round",
+                title_justify="left",
+            )
+            rounds.add_row(
+                str(lr.round),
+                f"{lr.train_loss:.4f}",
+                "" if math.isnan(lr.eval_loss) else f"{lr.eval_loss:.4f}",
+                str(lr.participants),
+                f"{lr.bytes_up:,}",
+                f"{lr.bytes_down:,}",
+                f"{lr.compression_ratio:.2f}",
+                f"{lr.seconds:.1f}",
+            )
             parts.append(rounds)
         if st.updates_rejected:
-            parts.append(f"[yellow]{st.updates_rejected} updates or chunks refused (see logs/aggregator.log)[/]")
+            parts.append(
+                f"[yellow]{st.updates_rejected} updates or chunks refused (see logs/aggregator.log)[/]"
+            )
         return Group(*parts)
 
     def _summary(self, started: float) -> int:
@@ -206,26 +261,43 @@ class LocalRun:
         history = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
         if history:
             plot_losses(history, self.out / "loss.png")
-        table = Table("round", "train loss", *(f"{s.name}" for s in self.job.spec.silos), "eval loss",
-                      "bytes up", "ratio", "seconds", title=f"{self.job.name}: per-round results")
+        table = Table(
+            "round",
+            "train loss",
+            *(f"{s.name}" for s in self.job.spec.silos),
+            "eval loss",
+            "bytes up",
+            "ratio",
+            "seconds",
+            title=f"{self.job.name}: per-round results",
+        )
         for r in history:
             table.add_row(
-                str(r["round"]), f"{r['train_loss']:.4f}",
-                *(f"{r['silo_train_loss'][s.name]:.4f}" if s.name in r["silo_train_loss"] else "-"
-                  for s in self.job.spec.silos),
+                str(r["round"]),
+                f"{r['train_loss']:.4f}",
+                *(
+                    f"{r['silo_train_loss'][s.name]:.4f}" if s.name in r["silo_train_loss"] else "-"
+                    for s in self.job.spec.silos
+                ),
                 "-" if r["eval_loss"] is None else f"{r['eval_loss']:.4f}",
-                f"{r['bytes_up']:,}", f"{r['compression_ratio'] or 0:.2f}", f"{r['seconds']:.1f}",
+                f"{r['bytes_up']:,}",
+                f"{r['compression_ratio'] or 0:.2f}",
+                f"{r['seconds']:.1f}",
             )
         self.console.print(table)
         done = len(history) >= self.job.spec.rounds
         result = self.out / ("adapter" if self.job.spec.training.mode == "lora" else "model")
         elapsed = time.time() - started
         if done and result.exists():
-            self.console.print(f"[green]Succeeded[/] in {elapsed:.0f} s. Result: {result}; metrics: {metrics}; "
-                               f"plot: {self.out / 'loss.png'}; logs: {self.out / 'logs'}")
+            self.console.print(
+                f"[green]Succeeded[/] in {elapsed:.0f} s. Result: {result}; metrics: {metrics}; "
+                f"plot: {self.out / 'loss.png'}; logs: {self.out / 'logs'}"
+            )
             return 0
-        self.console.print(f"[red]Job did not finish[/] ({len(history)}/{self.job.spec.rounds} rounds, "
-                           f"{elapsed:.0f} s). See {self.out / 'logs'}.")
+        self.console.print(
+            f"[red]Job did not finish[/] ({len(history)}/{self.job.spec.rounds} rounds, "
+            f"{elapsed:.0f} s). See {self.out / 'logs'}."
+        )
         return 1
 
 
@@ -258,5 +330,3 @@ def run_local(job_file: Path, job: FederatedJob, out: Path, fresh: bool = False)
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return LocalRun(job_file, job, out).run()
-
-

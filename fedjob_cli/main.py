@@ -34,8 +34,10 @@ def _job(path: str, check_paths: bool = True):  # type: ignore[no-untyped-def]
 
 def cmd_validate(args: argparse.Namespace) -> int:
     job = _job(args.file, check_paths=args.check_paths)
-    print(f"{args.file}: valid FederatedJob {job.name!r} ({len(job.spec.silos)} silos, "
-          f"{job.spec.rounds} rounds, mode {job.spec.training.mode})")
+    print(
+        f"{args.file}: valid FederatedJob {job.name!r} ({len(job.spec.silos)} silos, "
+        f"{job.spec.rounds} rounds, mode {job.spec.training.mode})"
+    )
     return 0
 
 
@@ -53,10 +55,16 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
     from fedjob_aggregator.server import AggregatorOptions, serve
 
     job = _job(args.file, check_paths=args.check_paths)
-    return serve(job, AggregatorOptions(
-        certs=Path(args.certs), workdir=Path(args.workdir), host=args.host, port=args.port,
-        metrics_port=args.metrics_port,
-    ))
+    return serve(
+        job,
+        AggregatorOptions(
+            certs=Path(args.certs),
+            workdir=Path(args.workdir),
+            host=args.host,
+            port=args.port,
+            metrics_port=args.metrics_port,
+        ),
+    )
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -70,8 +78,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
     problems = local_path_problems(job, only_silo=args.silo)
     if problems:
         raise SpecError(args.file, tuple(problems))
-    return run_silo(job, WorkerOptions(silo=args.silo, address=args.aggregator, certs=Path(args.certs),
-                                       server_name=args.server_name))
+    return run_silo(
+        job,
+        WorkerOptions(
+            silo=args.silo, address=args.aggregator, certs=Path(args.certs), server_name=args.server_name
+        ),
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -121,8 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("validate", help="check a FederatedJob file and list every problem")
     s.add_argument("file")
-    s.add_argument("--check-paths", action=argparse.BooleanOptionalAction, default=False,
-                   help="also check that the model and data folders exist on this machine")
+    s.add_argument(
+        "--check-paths",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also check that the model and data folders exist on this machine",
+    )
     s.set_defaults(fn=cmd_validate)
 
     s = sub.add_parser("certs", help="create the job CA and every certificate")

@@ -21,7 +21,15 @@ import numpy as np
 
 from fedjob.aggregation import RunningSum, Strategy, UpdateMeta
 from fedjob.checkpoint import Checkpoint, CheckpointStore
-from fedjob.chunking import ChunkRejected, ChunkValidator, State, count_chunks, iter_chunks, manifest_of, raw_bytes
+from fedjob.chunking import (
+    ChunkRejected,
+    ChunkValidator,
+    State,
+    count_chunks,
+    iter_chunks,
+    manifest_of,
+    raw_bytes,
+)
 from fedjob.codec import Codec
 from fedjob.spec import FederatedJob
 from fedjob.v1 import fedjob_pb2 as pb
@@ -164,17 +172,16 @@ class Coordinator:
                     self._open_round()
                 rnd = self.current
                 assert rnd is not None
-                everyone = set(self.silos)
-                self.cond.wait_for(
-                    lambda r=rnd: set(r.reported) >= everyone or time.time() >= r.deadline or stop.is_set(),
-                    timeout=0.5,
-                )
+                self.cond.wait_for(lambda r=rnd: self._round_over(r) or stop.is_set(), timeout=0.5)
                 if stop.is_set():
                     break
-                if set(rnd.reported) >= everyone or time.time() >= rnd.deadline:
+                if self._round_over(rnd):
                     self._close_round(rnd)
             self.cond.notify_all()
         return self.phase
+
+    def _round_over(self, rnd: RoundState) -> bool:
+        return len(rnd.reported) == len(self.silos) or time.time() >= rnd.deadline
 
     def _close_round(self, rnd: RoundState) -> None:
         for up in list(rnd.in_flight.values()):
@@ -223,7 +230,11 @@ class Coordinator:
             f.write(_json(record) + "\n")
         log.info(
             "round %d closed: %d silos, train loss %.4f, eval loss %s, %.1f s",
-            rnd.number, len(rnd.reported), record["train_loss"], record["eval_loss"], record["seconds"],
+            rnd.number,
+            len(rnd.reported),
+            record["train_loss"],
+            record["eval_loss"],
+            record["seconds"],
         )
         self.observe("round_closed", record)
         if self.completed >= self.spec.rounds:
@@ -276,38 +287,63 @@ class Coordinator:
         if rnd is None or self.phase != "Running":
             raise Refused("FAILED_PRECONDITION", "no_open_round", f"no round is open (job {self.phase})")
         if round_number < rnd.number:
-            raise Refused("FAILED_PRECONDITION", "stale_round", f"round {round_number} is closed; round {rnd.number} is open")
+            raise Refused(
+                "FAILED_PRECONDITION",
+                "stale_round",
+                f"round {round_number} is closed; round {rnd.number} is open",
+            )
         if round_number > rnd.number:
-            raise Refused("OUT_OF_RANGE", "future_round", f"round {round_number} is not open; round {rnd.number} is")
+            raise Refused(
+                "OUT_OF_RANGE", "future_round", f"round {round_number} is not open; round {rnd.number} is"
+            )
         return rnd
 
     def begin_upload(self, silo: str, header: pb.UpdateHeader) -> Upload:
         with self.cond:
             rnd = self._round_for(silo, header.round)
             if silo in rnd.reported:
-                raise Refused("ALREADY_EXISTS", "replay", f"{silo} already delivered its update for round {rnd.number}")
+                raise Refused(
+                    "ALREADY_EXISTS", "replay", f"{silo} already delivered its update for round {rnd.number}"
+                )
             if header.num_samples == 0 or not math.isfinite(header.train_loss) or header.local_steps == 0:
-                raise Refused("INVALID_ARGUMENT", "bad_header", "header needs num_samples > 0, local_steps > 0 and a finite train_loss")
+                raise Refused(
+                    "INVALID_ARGUMENT",
+                    "bad_header",
+                    "header needs num_samples > 0, local_steps > 0 and a finite train_loss",
+                )
             if header.total_chunks != self.expected_chunks:
                 raise Refused(
-                    "INVALID_ARGUMENT", "bad_header",
-                    f"update announces {header.total_chunks} chunks; this model and codec make {self.expected_chunks}",
+                    "INVALID_ARGUMENT",
+                    "bad_header",
+                    f"update announces {header.total_chunks} chunks; "
+                    f"this model and codec make {self.expected_chunks}",
                 )
             held = rnd.in_flight.get(silo)
             if held is not None and held.upload_id == header.upload_id:
                 if header.resume_from != held.validator.next_seq:
                     raise Refused(
-                        "FAILED_PRECONDITION", "out_of_order",
-                        f"resume from chunk {header.resume_from}, the aggregator holds up to {held.validator.next_seq}",
+                        "FAILED_PRECONDITION",
+                        "out_of_order",
+                        f"resume from chunk {header.resume_from}, "
+                        f"the aggregator holds up to {held.validator.next_seq}",
                     )
                 return held
             if held is not None:
                 self._discard(rnd, held, "superseded by a new upload")
             if header.resume_from != 0:
-                raise Refused("FAILED_PRECONDITION", "out_of_order", f"nothing held for upload {header.upload_id!r}; start at chunk 0")
-            meta = UpdateMeta(silo, int(header.num_samples), int(header.local_steps), float(header.train_loss))
+                raise Refused(
+                    "FAILED_PRECONDITION",
+                    "out_of_order",
+                    f"nothing held for upload {header.upload_id!r}; start at chunk 0",
+                )
+            meta = UpdateMeta(
+                silo, int(header.num_samples), int(header.local_steps), float(header.train_loss)
+            )
             up = Upload(
-                silo=silo, round=rnd.number, upload_id=header.upload_id, meta=meta,
+                silo=silo,
+                round=rnd.number,
+                upload_id=header.upload_id,
+                meta=meta,
                 weight=self.strategy.weight(meta),
                 validator=ChunkValidator(self.manifest, self.codec, self.chunk_bytes),
                 total_chunks=header.total_chunks,
@@ -326,7 +362,9 @@ class Coordinator:
                 name, offset, values = up.validator.check(chunk)
             except ChunkRejected as exc:
                 self._discard(rnd, up, exc.detail)
-                raise Refused(CHUNK_REASON_CODES.get(exc.reason, "INVALID_ARGUMENT"), exc.reason, exc.detail) from None
+                raise Refused(
+                    CHUNK_REASON_CODES.get(exc.reason, "INVALID_ARGUMENT"), exc.reason, exc.detail
+                ) from None
             rnd.total.fold(name, offset, values, up.weight)
             # Keep what was folded, so a broken upload can be taken out again exactly.
             data = chunk.SerializeToString()
@@ -341,7 +379,11 @@ class Coordinator:
             missing = up.validator.missing()
             if trailer.total_chunks != up.total_chunks or up.validator.next_seq != up.total_chunks or missing:
                 self._discard(rnd, up, f"incomplete: {up.validator.next_seq} of {up.total_chunks} chunks")
-                raise Refused("FAILED_PRECONDITION", "incomplete", f"update incomplete: got {up.validator.next_seq} of {up.total_chunks} chunks")
+                raise Refused(
+                    "FAILED_PRECONDITION",
+                    "incomplete",
+                    f"update incomplete: got {up.validator.next_seq} of {up.total_chunks} chunks",
+                )
             rnd.total.commit(up.meta, up.weight)
             rnd.reported[up.silo] = up.meta
             rnd.raw_up += up.raw_bytes
@@ -349,7 +391,9 @@ class Coordinator:
             up.spool.unlink(missing_ok=True)
             s = self.silos[up.silo]
             s.state, s.last_round, s.last_train_loss = "reported", rnd.number, up.meta.train_loss
-            self.observe("update_accepted", {"silo": up.silo, "round": rnd.number, "train_loss": up.meta.train_loss})
+            self.observe(
+                "update_accepted", {"silo": up.silo, "round": rnd.number, "train_loss": up.meta.train_loss}
+            )
             self.cond.notify_all()
 
     def resume_point(self, silo: str, round_number: int, upload_id: str) -> int:
@@ -395,20 +439,33 @@ class Coordinator:
             rm = None
             if last is not None:
                 rm = pb.RoundMetrics(
-                    round=last["round"], train_loss=last["train_loss"],
+                    round=last["round"],
+                    train_loss=last["train_loss"],
                     eval_loss=math.nan if last["eval_loss"] is None else last["eval_loss"],
-                    participants=last["num_participants"], bytes_up=last["bytes_up"],
-                    bytes_down=last["bytes_down"], compression_ratio=last["compression_ratio"] or 0.0,
+                    participants=last["num_participants"],
+                    bytes_up=last["bytes_up"],
+                    bytes_down=last["bytes_down"],
+                    compression_ratio=last["compression_ratio"] or 0.0,
                     seconds=last["seconds"],
                 )
             return pb.JobStatus(
-                job=self.job.name, phase=self.phase, round=self.completed, total_rounds=self.spec.rounds,
+                job=self.job.name,
+                phase=self.phase,
+                round=self.completed,
+                total_rounds=self.spec.rounds,
                 silos=[
-                    pb.SiloStatus(name=n, state=s.state, last_round=s.last_round,
-                                  last_train_loss=s.last_train_loss, bytes_up=s.bytes_up)
+                    pb.SiloStatus(
+                        name=n,
+                        state=s.state,
+                        last_round=s.last_round,
+                        last_train_loss=s.last_train_loss,
+                        bytes_up=s.bytes_up,
+                    )
                     for n, s in self.silos.items()
                 ],
-                last_round=rm, message=self.message, updates_rejected=self.rejected_total,
+                last_round=rm,
+                message=self.message,
+                updates_rejected=self.rejected_total,
             )
 
 

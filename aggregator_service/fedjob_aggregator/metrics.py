@@ -28,22 +28,38 @@ class AggregatorMetrics:
         self.rounds_total = Gauge("fedjob_rounds_total", "Rounds the job runs in all.", jl, registry=r)
         self.phase = Gauge("fedjob_job_phase", "1 for the job's current phase.", [*jl, "phase"], registry=r)
         self.round_seconds = Histogram(
-            "fedjob_round_duration_seconds", "Wall time of a round, open to close.", jl, registry=r,
+            "fedjob_round_duration_seconds",
+            "Wall time of a round, open to close.",
+            jl,
+            registry=r,
             buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600, 7200),
         )
-        self.train_loss = Gauge("fedjob_train_loss", "Mean local training loss a silo reported.", sl, registry=r)
-        self.mean_train_loss = Gauge("fedjob_round_train_loss", "Mean train loss over the round's silos.", jl, registry=r)
+        self.train_loss = Gauge(
+            "fedjob_train_loss", "Mean local training loss a silo reported.", sl, registry=r
+        )
+        self.mean_train_loss = Gauge(
+            "fedjob_round_train_loss", "Mean train loss over the round's silos.", jl, registry=r
+        )
         self.eval_loss = Gauge("fedjob_eval_loss", "Held-out loss of the global model.", jl, registry=r)
-        self.participants = Gauge("fedjob_round_participants", "Silos whose update was aggregated.", jl, registry=r)
+        self.participants = Gauge(
+            "fedjob_round_participants", "Silos whose update was aggregated.", jl, registry=r
+        )
         self.expected = Gauge("fedjob_silos_expected", "Silos in the job.", jl, registry=r)
         self.bytes_total = Counter(
-            "fedjob_silo_bytes", "Bytes of model traffic per silo and direction.", [*sl, "direction"], registry=r
+            "fedjob_silo_bytes",
+            "Bytes of model traffic per silo and direction.",
+            [*sl, "direction"],
+            registry=r,
         )
-        self.compression = Gauge("fedjob_compression_ratio", "Raw update bytes / bytes on the wire.", jl, registry=r)
+        self.compression = Gauge(
+            "fedjob_compression_ratio", "Raw update bytes / bytes on the wire.", jl, registry=r
+        )
         self.rejections = Counter(
             "fedjob_updates_rejected", "Updates or chunks refused, by reason.", [*sl, "reason"], registry=r
         )
-        self.missed = Counter("fedjob_silo_rounds_missed", "Rounds a silo did not report in time.", sl, registry=r)
+        self.missed = Counter(
+            "fedjob_silo_rounds_missed", "Rounds a silo did not report in time.", sl, registry=r
+        )
         self.updates = Counter("fedjob_updates_accepted", "Updates aggregated.", sl, registry=r)
         self.rounds_total.labels(self.job, self.ns).set(job.spec.rounds)
         self.expected.labels(self.job, self.ns).set(len(job.spec.silos))

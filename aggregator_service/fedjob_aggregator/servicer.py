@@ -37,16 +37,23 @@ class FederatedTrainingServicer(pb_grpc.FederatedTrainingServicer):
         except ValueError as exc:
             context.abort(grpc.StatusCode.PERMISSION_DENIED, f"certificate carries no fedjob identity: {exc}")
         if ident.job != self.job.name:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"certificate is for job {ident.job!r}, not {self.job.name!r}")
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"certificate is for job {ident.job!r}, not {self.job.name!r}",
+            )
         return ident
 
     def _silo(self, context: grpc.ServicerContext) -> str:
         ident = self._identity(context)
         if ident.role != "silo":
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"only silos may do this; caller is the {ident.role}")
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED, f"only silos may do this; caller is the {ident.role}"
+            )
         if ident.name not in self.coord.silos:
             self.metrics.rejected(ident.name, "unknown_silo")
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"silo {ident.name!r} is not part of job {self.job.name!r}")
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED, f"silo {ident.name!r} is not part of job {self.job.name!r}"
+            )
         return ident.name
 
     def _refuse(self, context: grpc.ServicerContext, silo: str, exc: Refused) -> Any:
@@ -63,13 +70,17 @@ class FederatedTrainingServicer(pb_grpc.FederatedTrainingServicer):
             self.metrics.rejected(silo, "identity_mismatch")
             context.abort(
                 grpc.StatusCode.PERMISSION_DENIED,
-                f"identity_mismatch: this certificate belongs to silo {silo!r}, not {request.expected_silo!r}",
+                f"identity_mismatch: this certificate belongs to silo {silo!r}, "
+                f"not {request.expected_silo!r}",
             )
         self.coord.join(silo)
         log.info("silo %s joined (worker %s)", silo, request.worker_version or "?")
         return pb.JoinReply(
-            job=self.job.name, silo=silo, current_round=self.coord.completed + 1,
-            total_rounds=self.job.spec.rounds, max_chunk_bytes=self.coord.chunk_bytes,
+            job=self.job.name,
+            silo=silo,
+            current_round=self.coord.completed + 1,
+            total_rounds=self.job.spec.rounds,
+            max_chunk_bytes=self.coord.chunk_bytes,
             codecs=[self.coord.codec.name],
         )
 
@@ -77,7 +88,9 @@ class FederatedTrainingServicer(pb_grpc.FederatedTrainingServicer):
         silo = self._silo(context)
         return self.coord.next_task(silo, request.after_round, request.wait_seconds or 30.0)
 
-    def DownloadGlobal(self, request: pb.DownloadRequest, context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
+    def DownloadGlobal(
+        self, request: pb.DownloadRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.Chunk]:
         silo = self._silo(context)
         try:
             chunks = self.coord.download(silo, request.round)
@@ -90,7 +103,9 @@ class FederatedTrainingServicer(pb_grpc.FederatedTrainingServicer):
             yield chunk
         self.metrics.bytes(silo, "down", sent)
 
-    def UploadUpdate(self, request_iterator: Iterator[pb.UploadMessage], context: grpc.ServicerContext) -> pb.UploadReceipt:
+    def UploadUpdate(
+        self, request_iterator: Iterator[pb.UploadMessage], context: grpc.ServicerContext
+    ) -> pb.UploadReceipt:
         silo = self._silo(context)
         received = 0
         try:
@@ -108,7 +123,11 @@ class FederatedTrainingServicer(pb_grpc.FederatedTrainingServicer):
                     self.metrics.bytes(silo, "up", received)
                     return pb.UploadReceipt(round=up.round, bytes_received=received, accepted=True)
                 else:
-                    raise Refused("INVALID_ARGUMENT", "bad_message", f"unexpected {part or 'empty'} message inside an upload")
+                    raise Refused(
+                        "INVALID_ARGUMENT",
+                        "bad_message",
+                        f"unexpected {part or 'empty'} message inside an upload",
+                    )
             # The stream ended without a trailer: keep what arrived so the silo can resume.
             self.metrics.bytes(silo, "up", received)
             context.abort(
@@ -120,7 +139,9 @@ class FederatedTrainingServicer(pb_grpc.FederatedTrainingServicer):
             self._refuse(context, silo, exc)
         raise AssertionError("unreachable")
 
-    def QueryUpload(self, request: pb.QueryUploadRequest, context: grpc.ServicerContext) -> pb.QueryUploadReply:
+    def QueryUpload(
+        self, request: pb.QueryUploadRequest, context: grpc.ServicerContext
+    ) -> pb.QueryUploadReply:
         silo = self._silo(context)
         return pb.QueryUploadReply(next_seq=self.coord.resume_point(silo, request.round, request.upload_id))
 

@@ -44,8 +44,15 @@ class Backoff:
 
 
 class AggregatorClient:
-    def __init__(self, address: str, certs: CertFiles, silo: str, chunk_bytes: int, backoff: Backoff | None = None,
-                 server_name: str | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        certs: CertFiles,
+        silo: str,
+        chunk_bytes: int,
+        backoff: Backoff | None = None,
+        server_name: str | None = None,
+    ) -> None:
         ca, cert, key = certs.load(f"silo-{silo}")
         creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
         limit = chunk_bytes + (1 << 20)
@@ -79,17 +86,24 @@ class AggregatorClient:
         raise last
 
     def join(self) -> pb.JoinReply:
-        return self._retry("join", lambda: self.stub.Join(pb.JoinRequest(expected_silo=self.silo, worker_version="0.1.0")))
+        return self._retry(
+            "join", lambda: self.stub.Join(pb.JoinRequest(expected_silo=self.silo, worker_version="0.1.0"))
+        )
 
     def next_task(self, after_round: int) -> pb.Task:
         while True:
             task = self._retry(
-                "task", lambda: self.stub.GetTask(pb.TaskRequest(after_round=after_round, wait_seconds=20), timeout=40)
+                "task",
+                lambda: self.stub.GetTask(
+                    pb.TaskRequest(after_round=after_round, wait_seconds=20), timeout=40
+                ),
             )
             if task.state != pb.Task.WAIT:
                 return task
 
-    def download(self, round_number: int, manifest: dict[str, TensorInfo], codec: Codec, chunk_bytes: int) -> tuple[State, int]:
+    def download(
+        self, round_number: int, manifest: dict[str, TensorInfo], codec: Codec, chunk_bytes: int
+    ) -> tuple[State, int]:
         def once() -> tuple[State, int]:
             validator = ChunkValidator(manifest, codec, chunk_bytes)
             state = assemble(self.stub.DownloadGlobal(pb.DownloadRequest(round=round_number)), validator)
@@ -98,10 +112,20 @@ class AggregatorClient:
         return self._retry("download", once)
 
     def upload(
-        self, round_number: int, delta: State, codec: Codec, chunk_bytes: int, seed: int,
-        num_samples: int, local_steps: int, train_loss: float,
+        self,
+        round_number: int,
+        delta: State,
+        codec: Codec,
+        chunk_bytes: int,
+        seed: int,
+        num_samples: int,
+        local_steps: int,
+        train_loss: float,
     ) -> int:
-        """Stream one update; resumes where the aggregator stopped if the stream breaks. Returns bytes sent."""
+        """Stream one update, resuming where the aggregator stopped if the stream breaks.
+
+        Returns the payload bytes sent.
+        """
         upload_id = uuid.uuid4().hex
         manifest = {n: TensorInfo(n, tuple(v.shape)) for n, v in delta.items()}
         total = count_chunks(manifest, codec, chunk_bytes)
@@ -110,10 +134,18 @@ class AggregatorClient:
 
         def attempt() -> pb.UploadReceipt:
             nonlocal sent
-            start = self.stub.QueryUpload(pb.QueryUploadRequest(round=round_number, upload_id=upload_id)).next_seq
+            start = self.stub.QueryUpload(
+                pb.QueryUploadRequest(round=round_number, upload_id=upload_id)
+            ).next_seq
             header = pb.UpdateHeader(
-                round=round_number, upload_id=upload_id, num_samples=num_samples, local_steps=local_steps,
-                train_loss=train_loss, total_chunks=total, raw_bytes=raw, resume_from=start,
+                round=round_number,
+                upload_id=upload_id,
+                num_samples=num_samples,
+                local_steps=local_steps,
+                train_loss=train_loss,
+                total_chunks=total,
+                raw_bytes=raw,
+                resume_from=start,
             )
 
             def messages() -> Iterator[pb.UploadMessage]:

@@ -40,14 +40,21 @@ def run_silo(job: FederatedJob, opts: WorkerOptions) -> int:
     job.silo(opts.silo)  # KeyError with a clear message when the silo is not in the job
     world = job.silo(opts.silo).processes
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return _rank_main(job, opts, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
-                          int(os.environ.get("MASTER_PORT", "29500")))
+        return _rank_main(
+            job,
+            opts,
+            int(os.environ["RANK"]),
+            int(os.environ["WORLD_SIZE"]),
+            int(os.environ.get("MASTER_PORT", "29500")),
+        )
     if world == 1:
         return _rank_main(job, opts, 0, 1, free_port())
     port = free_port()
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_rank_entry, args=(job, opts, r, world, port), name=f"{opts.silo}-rank{r}")
-             for r in range(world)]
+    procs = [
+        ctx.Process(target=_rank_entry, args=(job, opts, r, world, port), name=f"{opts.silo}-rank{r}")
+        for r in range(world)
+    ]
     for p in procs:
         p.start()
     codes = []
@@ -58,7 +65,9 @@ def run_silo(job: FederatedJob, opts: WorkerOptions) -> int:
 
 
 def _rank_entry(job: FederatedJob, opts: WorkerOptions, rank: int, world: int, port: int) -> None:
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{rank} %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s rank{rank} %(name)s %(levelname)s %(message)s"
+    )
     raise SystemExit(_rank_main(job, opts, rank, world, port))
 
 
@@ -76,10 +85,17 @@ def _rank_main(job: FederatedJob, opts: WorkerOptions, rank: int, world: int, po
     manifest = manifest_of(trainer.manifest_state())
     client = None
     if rank == 0:
-        client = AggregatorClient(opts.address, CertFiles(opts.certs), opts.silo, comp.chunk_bytes,
-                                  server_name=opts.server_name)
+        client = AggregatorClient(
+            opts.address, CertFiles(opts.certs), opts.silo, comp.chunk_bytes, server_name=opts.server_name
+        )
         reply = client.join()
-        log.info("silo %s joined job %s at round %d/%d", reply.silo, reply.job, reply.current_round, reply.total_rounds)
+        log.info(
+            "silo %s joined job %s at round %d/%d",
+            reply.silo,
+            reply.job,
+            reply.current_round,
+            reply.total_rounds,
+        )
     last_round = 0
     exit_code = 0
     while True:
@@ -105,15 +121,24 @@ def _rank_main(job: FederatedJob, opts: WorkerOptions, rank: int, world: int, po
         global_state = glob[0]
         started = time.time()
         result = trainer.train(round_number, global_state)
-        log.info("round %d: %d local steps, loss %.4f, %.1f s", round_number, result.steps, result.train_loss,
-                 time.time() - started)
+        log.info(
+            "round %d: %d local steps, loss %.4f, %.1f s",
+            round_number,
+            result.steps,
+            result.train_loss,
+            time.time() - started,
+        )
         if client is not None:
             delta = {n: result.state[n] - global_state[n] for n in global_state}
             try:
                 sent = client.upload(
-                    round_number, delta, codec, comp.chunk_bytes,
+                    round_number,
+                    delta,
+                    codec,
+                    comp.chunk_bytes,
                     seed=zlib.crc32(f"{job.spec.training.seed}/{round_number}/{opts.silo}".encode()),
-                    num_samples=trainer.num_samples, local_steps=result.steps,
+                    num_samples=trainer.num_samples,
+                    local_steps=result.steps,
                     train_loss=result.train_loss,
                 )
                 log.info("round %d: update sent, %d bytes (%s)", round_number, sent, codec.name)

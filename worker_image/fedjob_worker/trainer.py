@@ -25,8 +25,12 @@ log = logging.getLogger("fedjob.worker")
 def init_distributed(rank: int, world_size: int, master_port: int) -> None:
     """DeepSpeed's CPU (gloo) process group; the env variables stop it from trying MPI discovery."""
     os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_SIZE=str(world_size),
-        MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"), MASTER_PORT=str(master_port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_SIZE=str(world_size),
+        MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+        MASTER_PORT=str(master_port),
     )
     import deepspeed
 
@@ -99,7 +103,9 @@ class LocalTrainer:
         rng = np.random.default_rng([t.seed, round_number, self.rank, *self.silo.encode()])
         losses = []
         for _ in range(t.local_steps):
-            batch = torch.from_numpy(self.corpus.random_batch(rng, t.batch_size, t.sequence_length)).to(engine.device)
+            batch = torch.from_numpy(self.corpus.random_batch(rng, t.batch_size, t.sequence_length)).to(
+                engine.device
+            )
             loss = engine(input_ids=batch, labels=batch).loss
             engine.backward(loss)
             engine.step()

@@ -1,0 +1,94 @@
+"""Shared fixtures: job documents, a job's PKI, and a real mTLS aggregator on loopback."""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from fedjob_aggregator.coordinator import Coordinator
+from fedjob_aggregator.metrics import AggregatorMetrics
+from fedjob_aggregator.server import build_server
+from fedjob_aggregator.servicer import FederatedTrainingServicer
+
+from fedjob.aggregation import FedAvg
+from fedjob.spec import FederatedJob, parse_job
+from fedjob.tls import CertFiles, write_job_certs
+from fedjob.v1 import fedjob_pb2_grpc as pb_grpc
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def job_doc(**spec_overrides: Any) -> dict[str, Any]:
+    """A valid FederatedJob document; keyword arguments replace top-level spec fields."""
+    doc: dict[str, Any] = {
+        "apiVersion": "fedjob.io/v1alpha1",
+        "kind": "FederatedJob",
+        "metadata": {"name": "demo"},
+        "spec": {
+            "model": {"path": "/models/tiny"},
+            "training": {"mode": "lora", "localSteps": 5, "batchSize": 4, "sequenceLength": 32},
+            "silos": [
+                {"name": "alpha", "data": {"path": "/data/a"}},
+                {"name": "beta", "data": {"path": "/data/b"}},
+            ],
+            "rounds": 2,
+            "aggregation": {"minSilos": 1, "roundDeadlineSeconds": 30},
+            "compression": {"codec": "int8", "zstd": True, "chunkBytes": 4096},
+        },
+    }
+    doc["spec"].update(copy.deepcopy(spec_overrides))
+    return doc
+
+
+@pytest.fixture
+def small_state() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {
+        "layer.lora_A": rng.normal(size=(4, 300)).astype(np.float32),
+        "layer.lora_B": np.zeros((300, 4), dtype=np.float32),
+        "bias": rng.normal(size=(7,)).astype(np.float32),
+    }
+
+
+@dataclass
+class LiveAggregator:
+    job: FederatedJob
+    coord: Coordinator
+    certs: CertFiles
+    address: str
+    metrics: AggregatorMetrics
+
+    def channel(self, who: str, certs: CertFiles | None = None) -> grpc.Channel:
+        ca, cert, key = (certs or self.certs).load(who)
+        creds = grpc.ssl_channel_credentials(self.certs.ca.read_bytes(), key, cert)
+        return grpc.secure_channel(self.address, creds)
+
+    def stub(self, who: str, certs: CertFiles | None = None) -> pb_grpc.FederatedTrainingStub:
+        return pb_grpc.FederatedTrainingStub(self.channel(who, certs))
+
+
+@pytest.fixture
+def live_aggregator(tmp_path: Path, small_state: dict[str, np.ndarray]) -> Iterator[LiveAggregator]:
+    """The real servicer and coordinator behind real mTLS on loopback, with a small numeric state."""
+    job = parse_job(job_doc())
+    certs = write_job_certs(tmp_path / "certs", job.name, job.silo_names())
+    coord = Coordinator(job, FedAvg(), small_state, tmp_path / "work")
+    metrics = AggregatorMetrics(job)
+    server, port, _ = build_server(job, FederatedTrainingServicer(job, coord, metrics), certs, "127.0.0.1", 0)
+    server.start()
+    stop = threading.Event()
+    loop = threading.Thread(target=coord.run, args=(stop,), daemon=True)
+    loop.start()
+    try:
+        yield LiveAggregator(job, coord, certs, f"127.0.0.1:{port}", metrics)
+    finally:
+        stop.set()
+        loop.join(5)
+        server.stop(0).wait()
