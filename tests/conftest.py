@@ -67,7 +67,7 @@ class LiveAggregator:
 
     def channel(self, who: str, certs: CertFiles | None = None) -> grpc.Channel:
         ca, cert, key = (certs or self.certs).load(who)
-        creds = grpc.ssl_channel_credentials(self.certs.ca.read_bytes(), key, cert)
+        creds = grpc.ssl_channel_credentials(ca, key, cert)
         return grpc.secure_channel(self.address, creds)
 
     def stub(self, who: str, certs: CertFiles | None = None) -> pb_grpc.FederatedTrainingStub:
