@@ -41,6 +41,7 @@ protos: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/compression.py
+	$(PY) bench/aggregator_memory.py
 
 clean:
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

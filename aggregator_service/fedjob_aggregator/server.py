@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 import signal
 import threading
 import time
@@ -135,5 +136,6 @@ def serve(job: FederatedJob, opts: AggregatorOptions) -> int:
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     server.stop(grace=2).wait()
     http.shutdown()
-    log.info("aggregator stopped: %s", phase)
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    log.info("aggregator stopped: %s (peak RSS %.0f MiB)", phase, peak_mib)
     return 0 if phase == "Succeeded" else (3 if stop.is_set() else 1)
