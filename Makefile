@@ -10,7 +10,7 @@ CACHE ?= $(HOME)/.cache/fedjob
 export TORCH_EXTENSIONS_DIR ?= $(CACHE)/torch_extensions
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install quickstart test lint protos protos-check clean bench
+.PHONY: install quickstart test lint protos crds clean bench test-cluster test-cluster-down
 
 install: $(STAMP)
 
@@ -38,6 +38,15 @@ lint: $(STAMP)
 
 protos: $(STAMP)
 	$(PY) -m grpc_tools.protoc -I protos --python_out=. --grpc_python_out=. --pyi_out=. protos/fedjob/v1/fedjob.proto
+
+test-cluster:
+	hack/test-cluster.sh up
+
+test-cluster-down:
+	hack/test-cluster.sh down
+
+crds: $(STAMP)
+	$(VENV)/bin/fedjob crd --out crds/federatedjob.yaml
 
 bench: $(STAMP)
 	$(PY) bench/compression.py

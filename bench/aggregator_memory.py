@@ -24,21 +24,29 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "aggregator_service"))
 
+from fedjob_aggregator.coordinator import Coordinator  # noqa: E402
+
 from fedjob.aggregation import FedAvg  # noqa: E402
 from fedjob.chunking import ChunkValidator, assemble, count_chunks, iter_chunks, manifest_of  # noqa: E402
 from fedjob.codec import Codec  # noqa: E402
 from fedjob.spec import parse_job  # noqa: E402
 from fedjob.v1 import fedjob_pb2 as pb  # noqa: E402
-from fedjob_aggregator.coordinator import Coordinator  # noqa: E402
 
 
 def make_job(silos: int):  # type: ignore[no-untyped-def]
-    return parse_job({
-        "apiVersion": "fedjob.io/v1alpha1", "kind": "FederatedJob", "metadata": {"name": "bench"},
-        "spec": {"model": {"path": "/unused"}, "rounds": 1,
-                 "silos": [{"name": f"s{i}", "data": {"path": "."}} for i in range(silos)],
-                 "compression": {"codec": "int8", "zstd": True}},
-    })
+    return parse_job(
+        {
+            "apiVersion": "fedjob.io/v1alpha1",
+            "kind": "FederatedJob",
+            "metadata": {"name": "bench"},
+            "spec": {
+                "model": {"path": "/unused"},
+                "rounds": 1,
+                "silos": [{"name": f"s{i}", "data": {"path": "."}} for i in range(silos)],
+                "compression": {"codec": "int8", "zstd": True},
+            },
+        }
+    )
 
 
 def chunk_stream(params: int, silo: int):  # type: ignore[no-untyped-def]
@@ -57,8 +65,14 @@ def streaming(params: int, silos: int, workdir: Path) -> int:
     del state
     tracemalloc.start()
     for i in range(silos):
-        header = pb.UpdateHeader(round=1, upload_id=uuid.uuid4().hex, num_samples=10, local_steps=1, train_loss=1.0,
-                                 total_chunks=count_chunks(coord.manifest, coord.codec, coord.chunk_bytes))
+        header = pb.UpdateHeader(
+            round=1,
+            upload_id=uuid.uuid4().hex,
+            num_samples=10,
+            local_steps=1,
+            train_loss=1.0,
+            total_chunks=count_chunks(coord.manifest, coord.codec, coord.chunk_bytes),
+        )
         up = coord.begin_upload(f"s{i}", header)
         for chunk in chunk_stream(params, i):
             coord.add_chunk(up, chunk)
@@ -75,8 +89,10 @@ def buffered(params: int, silos: int) -> int:
     state = {"w": np.zeros(params, np.float32)}
     codec = Codec.from_name("int8+zstd")
     tracemalloc.start()
-    updates = [assemble(chunk_stream(params, i), ChunkValidator(manifest_of(state), codec, 1 << 20))
-               for i in range(silos)]
+    updates = [
+        assemble(chunk_stream(params, i), ChunkValidator(manifest_of(state), codec, 1 << 20))
+        for i in range(silos)
+    ]
     mean = np.mean([u["w"] for u in updates], axis=0)
     _ = state["w"] + mean
     peak = tracemalloc.get_traced_memory()[1]
@@ -91,7 +107,9 @@ def main() -> None:
     args = ap.parse_args()
     model_mib = args.params * 4 / 2**20
     print(f"update of {args.params:,} float32 parameters ({model_mib:.1f} MiB), int8+zstd, 1 MiB chunks")
-    print(f"{'silos':>5} {'streaming MiB':>14} {'x model':>8} {'buffered MiB':>13} {'x model':>8} {'buffered/streaming':>19}")
+    print(
+        f"{'silos':>5} {'streaming MiB':>14} {'x model':>8} {'buffered MiB':>13} {'x model':>8} {'buffered/streaming':>19}"
+    )
     for s in args.silos:
         with tempfile.TemporaryDirectory() as tmp:
             a = streaming(args.params, s, Path(tmp)) / 2**20

@@ -33,11 +33,18 @@ CHUNK = 1 << 20
 
 
 def real_delta(model_dir: Path, mode: str, steps: int = 30) -> dict[str, np.ndarray]:
-    job = parse_job({
-        "apiVersion": "fedjob.io/v1alpha1", "kind": "FederatedJob", "metadata": {"name": "bench"},
-        "spec": {"model": {"path": str(model_dir)}, "silos": [{"name": "a", "data": {"path": "."}}],
-                 "training": {"mode": mode, "lora": {"targetModules": ["c_attn", "c_proj", "c_fc"]}}},
-    })
+    job = parse_job(
+        {
+            "apiVersion": "fedjob.io/v1alpha1",
+            "kind": "FederatedJob",
+            "metadata": {"name": "bench"},
+            "spec": {
+                "model": {"path": str(model_dir)},
+                "silos": [{"name": "a", "data": {"path": "."}}],
+                "training": {"mode": mode, "lora": {"targetModules": ["c_attn", "c_proj", "c_fc"]}},
+            },
+        }
+    )
     model = build_model(job)
     before = get_state(model)
     corpus = TextCorpus(np.frombuffer(python_code(200_000).encode(), np.uint8), 1)
@@ -79,7 +86,9 @@ def main() -> None:
             for name in CODECS:
                 wire, rel, _ = measure(delta, name)
                 seconds = min(measure(delta, name)[2] for _ in range(3))
-                print(f"{name:<11} {wire:>12,} {raw_bytes / wire:>7.2f}x {rel:>11.2e} {seconds / raw_s:>11.2f}x")
+                print(
+                    f"{name:<11} {wire:>12,} {raw_bytes / wire:>7.2f}x {rel:>11.2e} {seconds / raw_s:>11.2f}x"
+                )
 
 
 if __name__ == "__main__":

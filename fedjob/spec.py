@@ -8,6 +8,7 @@ from this model, and the API server then enforces the same rules.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -22,9 +23,15 @@ KIND = "FederatedJob"
 # Children are named "<job>-<silo>-..."; both parts stay short enough that the
 # derived names fit Kubernetes' 63-character label limit.
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+QUANTITY = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|m|k|M|G|T|P|E)?$"
+ABSOLUTE_PATH = r"^/"
 PATTERN_RULES = {
     DNS_LABEL: "must be a DNS-1123 label (lower-case letters, digits and '-', "
     "starting and ending with a letter or digit)",
+    DNS_SUBDOMAIN: "must be a DNS-1123 subdomain (lower-case letters, digits, '-' and '.')",
+    QUANTITY: "must be a Kubernetes quantity such as 500m, 2, 10Gi",
+    ABSOLUTE_PATH: "must be an absolute path",
 }
 
 TrainingMode = Literal["pretrain", "full", "lora"]
@@ -44,10 +51,33 @@ class ObjectMeta(BaseModel):
     labels: dict[str, str] = {}
 
 
+class PvcSource(_Spec):
+    claim_name: str = Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN)
+    read_only: bool = True
+
+
+class HostPathSource(_Spec):
+    path: str = Field(min_length=1, pattern=ABSOLUTE_PATH)
+
+
+class VolumeSpec(_Spec):
+    """Where a folder comes from in a cluster; mounted at the folder's `path` in the pod."""
+
+    persistent_volume_claim: PvcSource | None = None
+    host_path: HostPathSource | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> VolumeSpec:
+        if (self.persistent_volume_claim is None) == (self.host_path is None):
+            raise ValueError("set exactly one of persistentVolumeClaim or hostPath")
+        return self
+
+
 class ModelSpec(_Spec):
     """Where the model comes from: a local Hugging Face-layout folder, or a config."""
 
     path: str | None = Field(None, description="Folder in Hugging Face layout (config.json + weights).")
+    volume: VolumeSpec | None = Field(None, description="In a cluster: the volume holding `path`.")
     config: dict[str, Any] | None = Field(
         None, description="A transformers config (with model_type) for from-scratch pre-training."
     )
@@ -102,16 +132,29 @@ class DataSpec(_Spec):
     path: str = Field(
         min_length=1, description="Folder of UTF-8 .txt files (in the pod: where it is mounted)."
     )
+    volume: VolumeSpec | None = Field(None, description="In a cluster: the volume holding `path`.")
+
+
+class ResourcesSpec(_Spec):
+    requests: dict[str, Annotated[str, Field(pattern=QUANTITY)]] = {}
+    limits: dict[str, Annotated[str, Field(pattern=QUANTITY)]] = {}
+    gpus: int = Field(0, ge=0, le=64, description="nvidia.com/gpu per pod.")
 
 
 class SiloSpec(_Spec):
     name: Annotated[str, Field(min_length=1, max_length=24, pattern=DNS_LABEL)]
     data: DataSpec
     processes: int = Field(1, ge=1, le=64, description="Training processes in this silo (torch distributed).")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    node_selector: dict[str, str] = {}
+    tolerations: list[dict[str, Any]] = []
+    affinity: dict[str, Any] | None = None
+    backoff_limit: int = Field(4, ge=0, le=100, description="Pod retries before the silo counts as lost.")
 
 
 class EvalSpec(_Spec):
     path: str = Field(min_length=1)
+    volume: VolumeSpec | None = Field(None, description="In a cluster: the volume holding `path`.")
     batches: int = Field(8, ge=1, le=10000)
 
 
@@ -127,6 +170,21 @@ class CompressionSpec(_Spec):
     chunk_bytes: int = Field(1 << 20, ge=4096, le=4 << 20, description="Largest chunk payload on the wire.")
 
 
+class StorageSpec(_Spec):
+    size: str = Field("1Gi", pattern=QUANTITY)
+    storage_class_name: str | None = Field(None, pattern=DNS_SUBDOMAIN)
+
+
+class AggregatorSpec(_Spec):
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+
+
+class ImagesSpec(_Spec):
+    aggregator: str | None = Field(None, min_length=1)
+    worker: str | None = Field(None, min_length=1)
+
+
 class JobSpec(_Spec):
     model: ModelSpec
     training: TrainingSpec = Field(default_factory=TrainingSpec)
@@ -135,6 +193,8 @@ class JobSpec(_Spec):
     rounds: int = Field(3, ge=1, le=100_000)
     aggregation: AggregationSpec = Field(default_factory=AggregationSpec)
     compression: CompressionSpec = Field(default_factory=CompressionSpec)
+    aggregator: AggregatorSpec = Field(default_factory=AggregatorSpec)
+    images: ImagesSpec = Field(default_factory=ImagesSpec)
     suspend: bool = False
 
     @model_validator(mode="after")
@@ -260,17 +320,23 @@ def resolve_paths(job: FederatedJob, base: Path) -> FederatedJob:
     model = (
         spec.model.model_copy(update={"path": absolute(spec.model.path)}) if spec.model.path else spec.model
     )
-    silos = [s.model_copy(update={"data": DataSpec(path=absolute(s.data.path))}) for s in spec.silos]
+    silos = [
+        s.model_copy(update={"data": s.data.model_copy(update={"path": absolute(s.data.path)})})
+        for s in spec.silos
+    ]
     ev = spec.eval.model_copy(update={"path": absolute(spec.eval.path)}) if spec.eval else None
     return job.model_copy(
         update={"spec": spec.model_copy(update={"model": model, "silos": silos, "eval": ev})}
     )
 
 
-def local_path_problems(job: FederatedJob, only_silo: str | None = None) -> list[str]:
-    """Missing folders on this machine (in a cluster the paths are inside pods).
+def local_path_problems(
+    job: FederatedJob, silos: Collection[str] | None = None, with_eval: bool = True
+) -> list[str]:
+    """Missing folders on this machine (in a cluster: inside the pod).
 
-    With `only_silo`, what that silo's worker needs: the model and its own data.
+    `silos` limits the data folders checked (None: all); a worker needs the model
+    and its own data, the aggregator the model and the eval set.
     """
     problems = []
     if job.spec.model.path is not None:
@@ -282,13 +348,13 @@ def local_path_problems(job: FederatedJob, only_silo: str | None = None) -> list
                 f"spec.model.path: no config.json in {mp} (expected a Hugging Face-layout folder)"
             )
     for i, s in enumerate(job.spec.silos):
-        if only_silo is not None and s.name != only_silo:
+        if silos is not None and s.name not in silos:
             continue
         dp = Path(s.data.path)
         if not dp.is_dir():
             problems.append(f"spec.silos[{i}].data.path: folder not found: {dp}")
         elif not any(dp.rglob("*.txt")):
             problems.append(f"spec.silos[{i}].data.path: no .txt files in {dp}")
-    if only_silo is None and job.spec.eval is not None and not Path(job.spec.eval.path).is_dir():
+    if with_eval and job.spec.eval is not None and not Path(job.spec.eval.path).is_dir():
         problems.append(f"spec.eval.path: folder not found: {job.spec.eval.path}")
     return problems

@@ -23,10 +23,10 @@ def _setup_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _job(path: str, check_paths: bool = True):  # type: ignore[no-untyped-def]
+def _job(path: str, check_paths: bool = True, silos: list[str] | None = None):  # type: ignore[no-untyped-def]
     job = load_job(path)
     if check_paths:
-        problems = local_path_problems(job)
+        problems = local_path_problems(job, silos=silos)
         if problems:
             raise SpecError(path, tuple(problems))
     return job
@@ -54,7 +54,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
 def cmd_aggregator(args: argparse.Namespace) -> int:
     from fedjob_aggregator.server import AggregatorOptions, serve
 
-    job = _job(args.file, check_paths=args.check_paths)
+    job = _job(args.file, check_paths=args.check_paths, silos=[])
     return serve(
         job,
         AggregatorOptions(
@@ -75,7 +75,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         job.silo(args.silo)
     except KeyError as exc:
         raise SpecError(args.file, (f"--silo: {exc.args[0]}",)) from None
-    problems = local_path_problems(job, only_silo=args.silo)
+    problems = local_path_problems(job, silos=[args.silo], with_eval=False)
     if problems:
         raise SpecError(args.file, tuple(problems))
     return run_silo(
@@ -84,6 +84,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
             silo=args.silo, address=args.aggregator, certs=Path(args.certs), server_name=args.server_name
         ),
     )
+
+
+def cmd_operator(args: argparse.Namespace) -> int:
+    from fedjob_operator.main import run_operator
+
+    namespaces = [n for n in (args.namespace or []) if n]
+    return run_operator(namespaces, args.metrics_port, args.liveness or None)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -106,6 +113,20 @@ def cmd_example(args: argparse.Namespace) -> int:
     if not (out / "data" / "eval").exists() or args.force:
         for name, folder in write_silo_folders(out / "data").items():
             print(f"wrote {name}: {folder}")
+    return 0
+
+
+def cmd_crd(args: argparse.Namespace) -> int:
+    import yaml
+
+    from fedjob.crd import crd_manifest
+
+    text = "# Generated from fedjob/spec.py by `fedjob crd` (make crds). Do not edit.\n"
+    text += yaml.safe_dump(crd_manifest(), sort_keys=False)
+    if args.out:
+        Path(args.out).write_text(text)
+    else:
+        sys.stdout.write(text)
     return 0
 
 
@@ -154,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=50051)
     s.add_argument("--metrics-port", type=int, default=9090)
+    s.add_argument(
+        "--exit-after",
+        type=float,
+        metavar="SECONDS",
+        help="exit this long after the job ends (default: keep serving status until stopped)",
+    )
     s.add_argument("--check-paths", action=argparse.BooleanOptionalAction, default=True)
     s.set_defaults(fn=cmd_aggregator)
 
@@ -165,10 +192,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--server-name", help="TLS name to expect on the aggregator's certificate")
     s.set_defaults(fn=cmd_worker)
 
+    s = sub.add_parser("operator", help="run the Kubernetes operator (Kopf)")
+    s.add_argument("--namespace", action="append", help="namespace to watch (repeatable; default: all)")
+    s.add_argument("--metrics-port", type=int, default=8080)
+    s.add_argument("--liveness", default="http://0.0.0.0:8081/healthz", help="Kopf liveness endpoint")
+    s.set_defaults(fn=cmd_operator)
+
     s = sub.add_parser("example", help="build the tiny example model and the example silo data")
     s.add_argument("--out", default="examples")
     s.add_argument("--force", action="store_true")
     s.set_defaults(fn=cmd_example)
+
+    s = sub.add_parser("crd", help="print the FederatedJob CustomResourceDefinition")
+    s.add_argument("--out", help="write to this file instead of standard output")
+    s.set_defaults(fn=cmd_crd)
 
     s = sub.add_parser("warmup", help="compile DeepSpeed's CPU ops into the cache")
     s.set_defaults(fn=cmd_warmup)

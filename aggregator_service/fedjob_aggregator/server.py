@@ -40,7 +40,10 @@ class AggregatorOptions:
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int = 9090
-    linger_seconds: float = 20.0
+    # After the last round: stay up this long for silos to hear the end, then exit
+    # (`fedjob run`). None: keep serving status until SIGTERM (a Deployment's pod
+    # must not exit, or it is restarted; the operator scales it to zero).
+    linger_seconds: float | None = None
 
 
 class _ModelHooks:
@@ -125,8 +128,11 @@ def serve(job: FederatedJob, opts: AggregatorOptions) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     phase = coord.run(stop)
-    if not stop.is_set():
-        # Stay up long enough for every silo to hear that the job ended.
+    metrics.set_phase(phase)
+    if opts.linger_seconds is None:
+        log.info("job %s: %s; serving status until stopped", job.name, phase)
+        stop.wait()
+    else:
         end = time.time() + opts.linger_seconds
         while time.time() < end and not stop.is_set():
             if all(s.state in ("done", "absent") for s in coord.silos.values()):

@@ -97,7 +97,6 @@ def _rank_main(job: FederatedJob, opts: WorkerOptions, rank: int, world: int, po
             reply.total_rounds,
         )
     last_round = 0
-    exit_code = 0
     while True:
         box: list[Any] = [None]
         if client is not None:
@@ -109,8 +108,9 @@ def _rank_main(job: FederatedJob, opts: WorkerOptions, rank: int, world: int, po
             log.info("job finished after round %d", round_number)
             break
         if state == pb.Task.FAILED:
-            log.error("job failed: %s", message)
-            exit_code = 1
+            # The job's failure is the aggregator's to report; a non-zero exit here
+            # would only make Kubernetes retry a silo that did nothing wrong.
+            log.error("the job failed at the aggregator: %s", message)
             break
         glob: list[Any] = [None]
         if client is not None:
@@ -151,4 +151,4 @@ def _rank_main(job: FederatedJob, opts: WorkerOptions, rank: int, world: int, po
     # Tear the process group down before interpreter exit: left to atexit, DeepSpeed's
     # shared-memory communicator aborts the process and the pod would read as failed.
     dist.destroy_process_group()
-    return exit_code
+    return 0

@@ -1,0 +1,170 @@
+"""Kopf handlers: on create/resume and every few seconds, reconcile the children and refresh status."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import kopf
+import yaml
+from kubernetes import config
+from prometheus_client import Counter, Gauge, Histogram
+
+from fedjob.crd import GROUP, PLURAL, VERSION
+from fedjob.spec import FederatedJob, SpecError, parse_job
+from fedjob_operator.children import Images
+from fedjob_operator.reconcile import Apis, JobReconciler, invalid_status, spec_hash, status_from
+
+log = logging.getLogger("fedjob.operator")
+TERMINAL = ("Succeeded", "Failed")
+SYNC_SECONDS = 2.0
+
+RECONCILES = Counter("fedjob_operator_reconciles", "Reconcile passes, by result.", ["result"])
+RECONCILE_SECONDS = Histogram(
+    "fedjob_operator_reconcile_duration_seconds",
+    "Time of one reconcile pass.",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10),
+)
+JOBS = Gauge("fedjob_operator_jobs", "FederatedJobs by phase.", ["namespace", "phase"])
+_phases: dict[tuple[str, str], str] = {}
+
+_apis: Apis | None = None
+
+
+def apis() -> Apis:
+    global _apis
+    if _apis is None:
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:
+            config.load_kube_config()
+        _apis = Apis.default()
+    return _apis
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="fedjob.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="fedjob.io")
+    settings.posting.level = logging.INFO
+    settings.watching.server_timeout = 60
+
+
+def _emit(body: Any) -> Any:
+    def emit(kind: str, reason: str, message: str) -> None:
+        kopf.event(body, type=kind, reason=reason, message=message)
+
+    return emit
+
+
+def _record_phase(namespace: str, name: str, phase: str | None) -> None:
+    key = (namespace, name)
+    if phase is None:
+        _phases.pop(key, None)
+    else:
+        _phases[key] = phase
+    for ns, p in {(ns, p) for (ns, _), p in _phases.items()} | {(namespace, "Running")}:
+        JOBS.labels(ns, p).set(sum(1 for (n, _), q in _phases.items() if n == ns and q == p))
+
+
+def reconcile(body: Any, patch: kopf.Patch) -> None:
+    started = time.monotonic()
+    try:
+        _reconcile(body, patch)
+        RECONCILES.labels("ok").inc()
+    except Exception:
+        RECONCILES.labels("error").inc()
+        raise
+    finally:
+        RECONCILE_SECONDS.observe(time.monotonic() - started)
+
+
+def _accepted_job(r: JobReconciler) -> FederatedJob:
+    """The spec the pods run (from the ConfigMap), when the live object has drifted from it."""
+    cm = apis().core.read_namespaced_config_map(r.n["config"], r.ns)
+    return parse_job(yaml.safe_load(cm.data["job.yaml"]), "accepted spec")
+
+
+def _reconcile(body: Any, patch: kopf.Patch) -> None:
+    body = dict(body)
+    old: dict[str, Any] = dict(body.get("status") or {})
+    generation = int(body["metadata"].get("generation", 1))
+    r = JobReconciler(apis(), Images(), body, _emit(body))
+    if old.get("phase") in TERMINAL:
+        r.scale_aggregator(0)
+        _record_phase(r.ns, r.name, old["phase"])
+        return
+    try:
+        job = r.parse()
+    except SpecError as exc:
+        if old.get("phase") != "Failed":
+            r.emit("Warning", "InvalidSpec", "; ".join(exc.problems)[:1000])
+        patch.status.update(invalid_status(exc, old, generation))
+        _record_phase(r.ns, r.name, "Failed")
+        return
+    accepted, current = r.accepted_hash(), spec_hash(body["spec"])
+    if accepted is not None and accepted != current:
+        if old.get("refusedSpecHash") != current:
+            r.emit(
+                "Warning",
+                "UnsafeSpecChange",
+                "only spec.suspend may change while a job runs; the job keeps its original spec "
+                "(delete and re-create the FederatedJob to change anything else)",
+            )
+        patch.status["refusedSpecHash"] = current
+        job = _accepted_job(r)
+    suspended = bool(body["spec"].get("suspend", False))
+    created = r.ensure_children(job, running=not suspended)
+    if created:
+        r.emit("Normal", "Created", f"created {', '.join(created)}")
+    status = status_from(job, r.aggregator_status(), r.silo_jobs(job), old, generation, suspended)
+    _announce(r, old, status)
+    if status["phase"] in TERMINAL:
+        r.scale_aggregator(0)
+    patch.status.update(status)
+    _record_phase(r.ns, r.name, status["phase"])
+
+
+def _announce(r: JobReconciler, old: dict[str, Any], new: dict[str, Any]) -> None:
+    if new["round"] > int(old.get("round", 0)) and "lastRound" in new:
+        lr = new["lastRound"]
+        ev = "" if lr.get("evalLoss") is None else f", eval loss {lr['evalLoss']}"
+        r.emit(
+            "Normal",
+            "RoundCompleted",
+            f"round {new['progress']}: train loss {lr['trainLoss']}{ev}, "
+            f"{lr['participants']} silos, {lr['bytesUp']} bytes up, {lr['seconds']} s",
+        )
+    for silo in set(new.get("lostSilos", [])) - set(old.get("lostSilos", [])):
+        r.emit(
+            "Warning",
+            "SiloLost",
+            f"silo {silo} exhausted its retries; the job goes on while the quorum holds",
+        )
+    if new["phase"] != old.get("phase"):
+        kind = "Warning" if new["phase"] == "Failed" else "Normal"
+        message = next(
+            (c["message"] for c in new["conditions"] if c["type"] == "Failed" and c["status"] == "True"), ""
+        )
+        r.emit(kind, new["phase"], message or f"phase {new['phase']} at round {new['progress']}")
+
+
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
+def on_change(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    reconcile(body, patch)
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=SYNC_SECONDS, initial_delay=SYNC_SECONDS)
+def sync(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    reconcile(body, patch)
+
+
+# A watch event, not an on.delete handler: that would add a finalizer, and a
+# FederatedJob could then not be deleted while the operator is down.
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def forget(event: dict[str, Any], body: kopf.Body, **_: Any) -> None:
+    if event.get("type") == "DELETED":
+        _record_phase(body["metadata"]["namespace"], body["metadata"]["name"], None)

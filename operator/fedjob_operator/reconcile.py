@@ -1,0 +1,404 @@
+"""Level-triggered reconciliation: make the children exist as the FederatedJob says, then report status.
+
+Every step is idempotent (deterministic names, create-if-absent), so an operator
+restarted at any moment converges without duplicates and loses nothing: the
+checkpoint lives on the aggregator's volume, the CA in a Secret.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from fedjob.spec import FederatedJob, SpecError, parse_job
+from fedjob.tls import Identity, KeyPair, aggregator_dns_names, create_ca, issue
+from fedjob.v1 import fedjob_pb2 as pb
+from fedjob.v1 import fedjob_pb2_grpc as pb_grpc
+from fedjob_operator import children
+from fedjob_operator.children import Images, names, silo_job_name, silo_tls_name
+
+log = logging.getLogger("fedjob.operator")
+SPEC_HASH = "fedjob.io/spec-hash"
+# Fields that may change while a job runs; anything else would change what the
+# rounds already aggregated mean.
+MUTABLE_FIELDS = {"suspend"}
+
+Emit = Callable[[str, str, str], None]  # (type, reason, message) -> a Kubernetes Event
+
+
+def now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def spec_hash(spec: dict[str, Any]) -> str:
+    frozen = {k: v for k, v in spec.items() if k not in MUTABLE_FIELDS}
+    return hashlib.sha256(json.dumps(frozen, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Apis:
+    core: client.CoreV1Api
+    apps: client.AppsV1Api
+    batch: client.BatchV1Api
+
+    @classmethod
+    def default(cls) -> Apis:
+        return cls(client.CoreV1Api(), client.AppsV1Api(), client.BatchV1Api())
+
+
+def _owner(body: dict[str, Any]) -> dict[str, Any]:
+    m = body["metadata"]
+    return {
+        "apiVersion": body["apiVersion"],
+        "kind": body["kind"],
+        "name": m["name"],
+        "uid": m["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _create(
+    create: Callable[..., Any], namespace: str, manifest: dict[str, Any], owner: dict[str, Any]
+) -> bool:
+    """Create unless it exists. Returns True when this call created it."""
+    manifest["metadata"]["ownerReferences"] = [owner]
+    try:
+        create(namespace, manifest)
+        return True
+    except ApiException as exc:
+        if exc.status == 409:
+            return False
+        raise
+
+
+def _read(read: Callable[..., Any], name: str, namespace: str) -> Any | None:
+    try:
+        return read(name, namespace)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+def _secret_bytes(secret: Any, key: str) -> bytes:
+    return base64.b64decode(secret.data[key])
+
+
+class JobReconciler:
+    def __init__(self, apis: Apis, images: Images, body: dict[str, Any], emit: Emit) -> None:
+        self.apis = apis
+        self.images = images
+        self.body = body
+        self.emit = emit
+        self.ns: str = body["metadata"]["namespace"]
+        self.name: str = body["metadata"]["name"]
+        self.owner = _owner(body)
+        self.n = names(self.name)
+
+    def parse(self) -> FederatedJob:
+        doc = {k: self.body[k] for k in ("apiVersion", "kind", "spec")}
+        doc["metadata"] = {"name": self.name, "namespace": self.ns}
+        return parse_job(doc, f"FederatedJob {self.ns}/{self.name}")
+
+    # ----- children ---------------------------------------------------------------------------------
+
+    def ensure_pki(self, job: FederatedJob) -> None:
+        core = self.apis.core
+        ca_secret = _read(core.read_namespaced_secret, self.n["ca"], self.ns)
+        if ca_secret is None:
+            pair = create_ca(f"{self.ns}/{self.name}")
+            manifest = {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "type": "Opaque",
+                "metadata": {
+                    "name": self.n["ca"],
+                    "namespace": self.ns,
+                    "labels": children.labels(self.name, "ca"),
+                },
+                "data": {
+                    "ca.crt": base64.b64encode(pair.cert_pem).decode(),
+                    "ca.key": base64.b64encode(pair.key_pem).decode(),
+                },
+            }
+            if not _create(core.create_namespaced_secret, self.ns, manifest, self.owner):
+                ca_secret = core.read_namespaced_secret(self.n["ca"], self.ns)  # a racing create won
+        if ca_secret is not None:
+            pair = KeyPair(_secret_bytes(ca_secret, "ca.crt"), _secret_bytes(ca_secret, "ca.key"))
+        wanted: list[tuple[str, str, Identity, str | None]] = [
+            (self.n["aggregator_tls"], "aggregator", Identity(self.name, "aggregator", "aggregator"), None),
+            (self.n["observer_tls"], "operator", Identity(self.name, "observer", "observer"), None),
+        ]
+        wanted += [
+            (silo_tls_name(self.name, s), "silo", Identity(self.name, "silo", s), s) for s in job.silo_names()
+        ]
+        for secret_name, component, ident, silo in wanted:
+            if _read(core.read_namespaced_secret, secret_name, self.ns) is not None:
+                continue
+            dns = aggregator_dns_names(self.name, self.ns) if ident.role == "aggregator" else ()
+            leaf = issue(pair, ident, dns)
+            manifest = children.tls_secret(
+                secret_name, self.ns, self.name, component, pair.cert_pem, leaf.cert_pem, leaf.key_pem, silo
+            )
+            _create(core.create_namespaced_secret, self.ns, manifest, self.owner)
+
+    def ensure_children(self, job: FederatedJob, running: bool) -> list[str]:
+        """Create what is missing; scale/remove what `running` says. Returns the names created."""
+        created = []
+        core, apps, batch = self.apis.core, self.apis.apps, self.apis.batch
+        self.ensure_pki(job)
+        cm = children.config_map(job, self.ns)
+        cm["metadata"]["annotations"] = {SPEC_HASH: spec_hash(self.body["spec"])}
+        if _create(core.create_namespaced_config_map, self.ns, cm, self.owner):
+            created.append(f"ConfigMap/{self.n['config']}")
+        if _create(
+            core.create_namespaced_persistent_volume_claim,
+            self.ns,
+            children.state_pvc(job, self.ns),
+            self.owner,
+        ):
+            created.append(f"PersistentVolumeClaim/{self.n['state']}")
+        if _create(
+            core.create_namespaced_service, self.ns, children.aggregator_service(job, self.ns), self.owner
+        ):
+            created.append(f"Service/{self.n['aggregator']}")
+        deployment = children.aggregator_deployment(job, self.ns, self.images, replicas=1 if running else 0)
+        if _create(apps.create_namespaced_deployment, self.ns, deployment, self.owner):
+            created.append(f"Deployment/{self.n['aggregator']}")
+        else:
+            self.scale_aggregator(1 if running else 0)
+        for silo in job.silo_names():
+            name = silo_job_name(self.name, silo)
+            if running:
+                if _create(
+                    batch.create_namespaced_job,
+                    self.ns,
+                    children.silo_job(job, silo, self.ns, self.images),
+                    self.owner,
+                ):
+                    created.append(f"Job/{name}")
+            elif _read(batch.read_namespaced_job, name, self.ns) is not None:
+                batch.delete_namespaced_job(name, self.ns, propagation_policy="Background")
+        return created
+
+    def scale_aggregator(self, replicas: int) -> None:
+        current = _read(self.apis.apps.read_namespaced_deployment, self.n["aggregator"], self.ns)
+        if current is not None and current.spec.replicas != replicas:
+            self.apis.apps.patch_namespaced_deployment(
+                self.n["aggregator"], self.ns, {"spec": {"replicas": replicas}}
+            )
+
+    def accepted_hash(self) -> str | None:
+        cm = _read(self.apis.core.read_namespaced_config_map, self.n["config"], self.ns)
+        if cm is None:
+            return None
+        return str((cm.metadata.annotations or {}).get(SPEC_HASH)) or None
+
+    # ----- observation ------------------------------------------------------------------------------
+
+    def aggregator_status(self) -> pb.JobStatus | None:
+        """Ask the aggregator over mTLS with the operator's observer certificate."""
+        pods = self.apis.core.list_namespaced_pod(
+            self.ns, label_selector=f"fedjob.io/job={self.name},app.kubernetes.io/component=aggregator"
+        )
+        ips = [
+            p.status.pod_ip
+            for p in pods.items
+            if p.status
+            and p.status.pod_ip
+            and p.status.phase == "Running"
+            and not p.metadata.deletion_timestamp
+        ]
+        if not ips:
+            return None
+        secret = _read(self.apis.core.read_namespaced_secret, self.n["observer_tls"], self.ns)
+        if secret is None:
+            return None
+        creds = grpc.ssl_channel_credentials(
+            _secret_bytes(secret, "ca.crt"),
+            _secret_bytes(secret, "tls.key"),
+            _secret_bytes(secret, "tls.crt"),
+        )
+        # Pod IP, verified against the aggregator's certificate name: no DNS needed.
+        with grpc.secure_channel(
+            f"{ips[0]}:{children.GRPC_PORT}",
+            creds,
+            options=[("grpc.ssl_target_name_override", self.n["aggregator"])],
+        ) as ch:
+            try:
+                status: pb.JobStatus = pb_grpc.FederatedTrainingStub(ch).GetStatus(
+                    pb.StatusRequest(), timeout=3
+                )
+                return status
+            except grpc.RpcError as exc:
+                log.debug("aggregator of %s/%s not answering: %s", self.ns, self.name, exc.code())
+                return None
+
+    def silo_jobs(self, job: FederatedJob) -> dict[str, str]:
+        """Per silo: Pending, Active, Succeeded, Lost (retries exhausted) or Absent."""
+        out = {}
+        for silo in job.silo_names():
+            j = _read(self.apis.batch.read_namespaced_job, silo_job_name(self.name, silo), self.ns)
+            if j is None:
+                out[silo] = "Absent"
+                continue
+            st = j.status
+            conds = {c.type: c.status for c in (st.conditions or [])} if st else {}
+            if conds.get("Failed") == "True":
+                out[silo] = "Lost"
+            elif conds.get("Complete") == "True" or (st and st.succeeded):
+                out[silo] = "Succeeded"
+            elif st and st.active:
+                out[silo] = "Active"
+            else:
+                out[silo] = "Pending"
+        return out
+
+
+def condition(ctype: str, status: bool, reason: str, message: str) -> dict[str, Any]:
+    return {
+        "type": ctype,
+        "status": "True" if status else "False",
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": now(),
+    }
+
+
+def merge_conditions(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Keep lastTransitionTime when a condition's status did not change."""
+    by_type = {c["type"]: c for c in old}
+    out = []
+    for c in new:
+        prev = by_type.get(c["type"])
+        if prev and prev.get("status") == c["status"]:
+            c = {**c, "lastTransitionTime": prev.get("lastTransitionTime", c["lastTransitionTime"])}
+        out.append(c)
+    return out
+
+
+def status_from(
+    job: FederatedJob,
+    agg: pb.JobStatus | None,
+    jobs: dict[str, str],
+    old: dict[str, Any],
+    generation: int,
+    suspended: bool,
+) -> dict[str, Any]:
+    """The FederatedJob status, from what the aggregator says and what the silo Jobs show."""
+    total = job.spec.rounds
+    rounds_done = agg.round if agg else int(old.get("round", 0))
+    silo_states = {s.name: s for s in agg.silos} if agg else {}
+    silos = []
+    for name in job.silo_names():
+        entry: dict[str, Any] = {"name": name, "job": jobs.get(name, "Absent")}
+        s = silo_states.get(name)
+        if s is not None:
+            entry.update(state=s.state, lastRound=s.last_round, bytesUp=s.bytes_up)
+            if not math.isnan(s.last_train_loss):
+                entry["trainLoss"] = round(float(s.last_train_loss), 5)
+        else:
+            prev = next((p for p in old.get("silos", []) if p.get("name") == name), {})
+            entry.update(
+                {k: v for k, v in prev.items() if k in ("state", "lastRound", "bytesUp", "trainLoss")}
+            )
+        silos.append(entry)
+    lost = [s["name"] for s in silos if s["job"] == "Lost"]
+    # Ready: the silo's pod runs and it has joined the aggregator.
+    joined = ("joined", "waiting", "training", "uploading", "reported", "done")
+    ready = sum(1 for s in silos if s["job"] in ("Active", "Succeeded") and s.get("state") in joined)
+    phase = old.get("phase", "Pending")
+    message = ""
+    if agg is not None and agg.phase in ("Succeeded", "Failed"):
+        phase, message = agg.phase, agg.message
+    elif phase not in ("Succeeded", "Failed"):
+        if len(job.silo_names()) - len(lost) < job.spec.aggregation.min_silos:
+            phase = "Failed"
+            message = (
+                f"quorum lost: silos {', '.join(lost)} exhausted their retries; "
+                f"{len(job.silo_names()) - len(lost)} left, minSilos is {job.spec.aggregation.min_silos}"
+            )
+        elif suspended:
+            phase = "Suspended"
+        elif agg is not None:
+            phase = "Running"
+    status: dict[str, Any] = {
+        "phase": phase,
+        "round": rounds_done,
+        "totalRounds": total,
+        "progress": f"{rounds_done}/{total}",
+        "silosReady": f"{ready}/{len(silos)}",
+        "silos": silos,
+        "observedGeneration": generation,
+        "startTime": old.get("startTime") or now(),
+    }
+    if agg is not None and agg.last_round.round:
+        lr = agg.last_round
+        status["lastRound"] = {
+            "round": lr.round,
+            "trainLoss": round(float(lr.train_loss), 5),
+            "evalLoss": None if math.isnan(lr.eval_loss) else round(float(lr.eval_loss), 5),
+            "participants": lr.participants,
+            "bytesUp": lr.bytes_up,
+            "bytesDown": lr.bytes_down,
+            "compressionRatio": round(float(lr.compression_ratio), 3),
+            "seconds": round(float(lr.seconds), 2),
+        }
+    elif "lastRound" in old:
+        status["lastRound"] = old["lastRound"]
+    if phase in ("Succeeded", "Failed"):
+        status["completionTime"] = old.get("completionTime") or now()
+    conds = [
+        condition(
+            "Ready",
+            agg is not None and phase == "Running",
+            "AggregatorServing" if agg else "AggregatorNotServing",
+            "the aggregator answers" if agg else "waiting for the aggregator",
+        ),
+        condition(
+            "Suspended",
+            phase == "Suspended",
+            "SpecSuspend" if suspended else "NotSuspended",
+            "spec.suspend is true" if suspended else "",
+        ),
+        condition(
+            "Succeeded",
+            phase == "Succeeded",
+            "AllRoundsDone" if phase == "Succeeded" else "InProgress",
+            f"{rounds_done}/{total} rounds",
+        ),
+        condition(
+            "Failed",
+            phase == "Failed",
+            "QuorumLost" if "quorum" in message else ("JobFailed" if phase == "Failed" else "NoFailure"),
+            message,
+        ),
+    ]
+    status["conditions"] = merge_conditions(old.get("conditions", []), conds)
+    if lost:
+        status["lostSilos"] = lost
+    return status
+
+
+def invalid_status(exc: SpecError, old: dict[str, Any], generation: int) -> dict[str, Any]:
+    message = "; ".join(exc.problems)
+    return {
+        "phase": "Failed",
+        "observedGeneration": generation,
+        "message": message,
+        "conditions": merge_conditions(
+            old.get("conditions", []), [condition("Failed", True, "InvalidSpec", message)]
+        ),
+    }

@@ -1,0 +1,180 @@
+"""A real kube-apiserver (hack/test-cluster.sh), the CRD, an operator process and a stand-in kubelet."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+
+from tests.cluster.kubelet import FakeKubelet
+from tests.conftest import REPO
+
+STATE = REPO / ".test-cluster"
+GROUP, VERSION, PLURAL = "fedjob.io", "v1alpha1", "federatedjobs"
+
+
+@dataclass
+class Cluster:
+    kubeconfig: Path
+    operator_kubeconfig: Path
+    kubectl: str
+
+    def run(
+        self, *args: str, check: bool = True, kubeconfig: Path | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        # A private discovery cache: a shared one may predate the CRD.
+        proc = subprocess.run(
+            [
+                self.kubectl,
+                "--kubeconfig",
+                str(kubeconfig or self.kubeconfig),
+                "--cache-dir",
+                str(STATE / "kubectl-cache"),
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)}: {proc.stderr}")
+        return proc
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[Cluster]:
+    script = REPO / "hack" / "test-cluster.sh"
+    started = subprocess.run([str(script), "up"], capture_output=True, text=True, timeout=1800)
+    if started.returncode != 0:
+        raise RuntimeError(f"test cluster did not start:\n{started.stderr}")
+    kubectl = subprocess.run([str(script), "bin"], capture_output=True, text=True, check=True).stdout.strip()
+    config.load_kube_config(str(STATE / "kubeconfig"))
+    c = Cluster(STATE / "kubeconfig", STATE / "operator.kubeconfig", f"{kubectl}/kubectl")
+    c.run("apply", "-f", str(REPO / "crds" / "federatedjob.yaml"))
+    c.run("wait", "--for", "condition=Established", "crd/federatedjobs.fedjob.io", "--timeout", "60s")
+    shutil.rmtree(STATE / "kubectl-cache", ignore_errors=True)  # discovered before the CRD existed
+    # The operator runs with exactly the RBAC of operator/rbac.yaml, as its ServiceAccount would.
+    c.run("create", "namespace", "fedjob", check=False)
+    c.run("apply", "-f", str(REPO / "operator" / "rbac.yaml"))
+    yield c
+    subprocess.run([str(script), "down"], capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def namespace(cluster: Cluster) -> Iterator[str]:
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    client.CoreV1Api().create_namespace({"metadata": {"name": name}})
+    yield name
+    try:
+        client.CoreV1Api().delete_namespace(name, _preload_content=False)
+    except ApiException:
+        pass
+
+
+class OperatorProcess:
+    def __init__(self, cluster: Cluster, namespace: str, log: Path) -> None:
+        self.cluster = cluster
+        self.namespace = namespace
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> OperatorProcess:
+        env = {**os.environ, "KUBECONFIG": str(self.cluster.operator_kubeconfig)}
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "fedjob_cli.main",
+                    "operator",
+                    "--namespace",
+                    self.namespace,
+                    "--metrics-port",
+                    "0",
+                    "--liveness",
+                    "",
+                ],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+@pytest.fixture
+def operator(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[OperatorProcess]:
+    op = OperatorProcess(cluster, namespace, tmp_path / "operator.log").start()
+    yield op
+    # Delete jobs while the operator runs, so Kopf can release its finalizers.
+    api = client.CustomObjectsApi()
+    for item in api.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]:
+        api.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, item["metadata"]["name"])
+    wait_for(
+        lambda: not api.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"],
+        30,
+        "FederatedJobs to be deleted",
+    )
+    op.stop()
+
+
+@pytest.fixture
+def kubelet(namespace: str, tmp_path: Path) -> Iterator[FakeKubelet]:
+    k = FakeKubelet(client.CoreV1Api(), namespace, tmp_path / "node", Path(sys.executable).parent).start()
+    yield k
+    k.stop()
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.5) -> Any:
+    end = time.time() + timeout
+    last: Any = None
+    while time.time() < end:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
+
+
+def get_job(namespace: str, name: str) -> dict[str, Any]:
+    obj: dict[str, Any] = client.CustomObjectsApi().get_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, name
+    )
+    return obj
+
+
+def create_job(namespace: str, doc: dict[str, Any]) -> dict[str, Any]:
+    obj: dict[str, Any] = client.CustomObjectsApi().create_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, doc
+    )
+    return obj
+
+
+def events(namespace: str, name: str) -> list[tuple[str, str, str]]:
+    items = client.CoreV1Api().list_namespaced_event(namespace).items
+    return [
+        (e.type, e.reason, e.message)
+        for e in items
+        if e.involved_object.kind == "FederatedJob" and e.involved_object.name == name
+    ]
