@@ -108,7 +108,8 @@ def main() -> None:
     model_mib = args.params * 4 / 2**20
     print(f"update of {args.params:,} float32 parameters ({model_mib:.1f} MiB), int8+zstd, 1 MiB chunks")
     print(
-        f"{'silos':>5} {'streaming MiB':>14} {'x model':>8} {'buffered MiB':>13} {'x model':>8} {'buffered/streaming':>19}"
+        f"{'silos':>5} {'streaming MiB':>14} {'x model':>8} {'buffered MiB':>13} {'x model':>8}"
+        f" {'buffered/streaming':>19}"
     )
     for s in args.silos:
         with tempfile.TemporaryDirectory() as tmp:

@@ -157,7 +157,7 @@ KC
       -e "s/user: admin/user: operator/" "$STATE/kubeconfig" > "$STATE/operator.kubeconfig"
   wait_for kube-apiserver "$b/kubectl" --kubeconfig "$STATE/kubeconfig" get --raw /readyz
   "$b/kube-controller-manager" --kubeconfig "$STATE/kubeconfig" --bind-address 127.0.0.1 --secure-port 0 \
-    --port 0 --controllers 'garbagecollector,serviceaccount,deployment,replicaset,job,namespace' \
+    --port 0 --controllers 'garbagecollector,serviceaccount,deployment,replicaset,job,namespace,pvc-protection' \
     --use-service-account-credentials=false --leader-elect=false > "$STATE/controller-manager.log" 2>&1 &
   echo $! > "$STATE/controller-manager.pid"
   log "ready in $((SECONDS - start)) s: export KUBECONFIG=$STATE/kubeconfig"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -77,10 +78,8 @@ def namespace(cluster: Cluster) -> Iterator[str]:
     name = f"t-{uuid.uuid4().hex[:8]}"
     client.CoreV1Api().create_namespace({"metadata": {"name": name}})
     yield name
-    try:
+    with contextlib.suppress(ApiException):
         client.CoreV1Api().delete_namespace(name, _preload_content=False)
-    except ApiException:
-        pass
 
 
 class OperatorProcess:

@@ -30,6 +30,7 @@ test with it.
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import logging
 import math
@@ -115,10 +116,8 @@ class FakeKubelet:
         for pod in list(self.pods.values()):
             self._kill(pod)
         for d in reversed(self._created_dirs):
-            try:
+            with contextlib.suppress(OSError):
                 d.rmdir()
-            except OSError:
-                pass
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -442,10 +441,8 @@ class FakeKubelet:
                 os.killpg(run.proc.pid, signal.SIGTERM)
                 run.proc.wait(10)
             except (ProcessLookupError, subprocess.TimeoutExpired):
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(run.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
 
     def logs(self, pod_prefix: str) -> str:
         return "\n".join(

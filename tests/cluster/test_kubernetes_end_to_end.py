@@ -1,0 +1,112 @@
+"""`kubectl apply -f examples/quickstart-k8s.yaml` trains to Succeeded: operator, real API server and
+controllers, and Pods run by the stand-in kubelet (tests/cluster/kubelet.py) exactly as specified."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client
+
+from tests.cluster.conftest import Cluster, OperatorProcess, create_job, events, get_job, wait_for
+from tests.cluster.kubelet import FakeKubelet
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+EXAMPLES = Path("/tmp/fedjob-examples")  # the hostPath folders examples/quickstart-k8s.yaml names
+
+
+@pytest.fixture(scope="module")
+def example_assets() -> Path:
+    if (
+        not (EXAMPLES / "data" / "eval").exists()
+        or not (EXAMPLES / "models" / "tiny-gpt2" / "config.json").exists()
+    ):
+        subprocess.run(
+            [sys.executable, "-m", "fedjob_cli.main", "example", "--out", str(EXAMPLES)],
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
+    return EXAMPLES
+
+
+def finished(namespace: str, name: str) -> dict[str, Any] | None:
+    status = get_job(namespace, name).get("status", {})
+    return status if status.get("phase") in ("Succeeded", "Failed") else None
+
+
+def test_the_k8s_quickstart_trains_to_succeeded(
+    cluster: Cluster, namespace: str, operator: OperatorProcess, kubelet: FakeKubelet, example_assets: Path
+) -> None:
+    cluster.run("apply", "-n", namespace, "-f", str(REPO / "examples" / "quickstart-k8s.yaml"))
+    status = wait_for(lambda: finished(namespace, "quickstart"), 420, "the job to finish", interval=1)
+    assert not kubelet.failures, kubelet.failures
+    assert status["phase"] == "Succeeded", (status, kubelet.logs("quickstart"))
+    assert status["round"] == status["totalRounds"] == 3
+    assert status["progress"] == "3/3"
+    assert status["lastRound"]["participants"] == 3 and status["lastRound"]["evalLoss"] is not None
+    assert {s["name"] for s in status["silos"]} == {"code", "docs", "unicode"}
+    evs = events(namespace, "quickstart")
+    rounds = sorted(m.split(":")[0] for _, r, m in evs if r == "RoundCompleted")
+    assert rounds == ["round 1/3", "round 2/3", "round 3/3"], evs
+    assert "Succeeded" in [r for _, r, _ in evs]
+    out = cluster.run("get", "fj", "-n", namespace).stdout
+    assert "Succeeded" in out and "3/3" in out
+    # Done: the aggregator is scaled to zero, its checkpoint volume kept; every silo Job completed.
+    wait_for(
+        lambda: (
+            client.AppsV1Api().read_namespaced_deployment("quickstart-aggregator", namespace).spec.replicas
+            == 0
+        ),
+        20,
+        "aggregator scaled down",
+    )
+    wait_for(
+        lambda: (
+            [j.status.succeeded for j in client.BatchV1Api().list_namespaced_job(namespace).items]
+            == [1, 1, 1]
+        ),
+        60,
+        "every silo Job to complete",
+    )
+
+
+def lossy_job(min_silos: int) -> dict[str, Any]:
+    doc = yaml.safe_load((REPO / "examples" / "quickstart-k8s.yaml").read_text())
+    doc = copy.deepcopy(doc)
+    doc["metadata"]["name"] = "lossy"
+    doc["spec"]["rounds"] = 2
+    doc["spec"]["silos"] = doc["spec"]["silos"][:2]
+    # This silo's data folder does not exist on the node: its pods fail, and with
+    # backoffLimit 0 its Job gives up at once.
+    doc["spec"]["silos"][1]["data"]["volume"]["hostPath"]["path"] = "/tmp/fedjob-examples/no-such-folder"
+    doc["spec"]["silos"][1]["backoffLimit"] = 0
+    doc["spec"]["aggregation"] = {"minSilos": min_silos, "roundDeadlineSeconds": 60}
+    return doc
+
+
+def test_a_lost_silo_is_reported_and_the_job_goes_on_while_the_quorum_holds(
+    cluster: Cluster, namespace: str, operator: OperatorProcess, kubelet: FakeKubelet, example_assets: Path
+) -> None:
+    create_job(namespace, lossy_job(min_silos=1))
+    status = wait_for(lambda: finished(namespace, "lossy"), 420, "the job to finish", interval=1)
+    assert status["phase"] == "Succeeded", (status, kubelet.logs("lossy"))
+    assert status["lostSilos"] == ["docs"]
+    assert any(r == "SiloLost" and "docs" in m for _, r, m in events(namespace, "lossy"))
+
+
+def test_the_job_fails_with_a_clear_condition_when_the_quorum_is_lost(
+    cluster: Cluster, namespace: str, operator: OperatorProcess, kubelet: FakeKubelet, example_assets: Path
+) -> None:
+    create_job(namespace, lossy_job(min_silos=2))
+    status = wait_for(lambda: finished(namespace, "lossy"), 300, "the job to finish", interval=1)
+    assert status["phase"] == "Failed"
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["status"] == "True" and failed["reason"] == "QuorumLost"
+    assert "docs" in failed["message"] and "minSilos is 2" in failed["message"]
