@@ -37,11 +37,11 @@ def _structural(node: dict[str, Any], defs: dict[str, Any], name: str | None = N
         options = [o for o in any_of if o.get("type") != "null"]
         if len(options) != 1:
             raise ValueError(f"cannot express anyOf {any_of} structurally")
-        out = _structural(options[0], defs)
-        out["nullable"] = True
+        nullable = _structural(options[0], defs)
+        nullable["nullable"] = True
         if "description" in node:
-            out["description"] = node["description"]
-        return out
+            nullable["description"] = node["description"]
+        return nullable
     out: dict[str, Any] = {}
     for key, value in node.items():
         if key in ("title", "$defs", "additionalProperties", "properties", "items", "const"):
