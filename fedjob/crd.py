@@ -28,10 +28,10 @@ LIST_MAP_KEYS = {"silos": ["name"]}
 def _structural(node: dict[str, Any], defs: dict[str, Any], name: str | None = None) -> dict[str, Any]:
     if "$ref" in node:
         ref = node["$ref"].split("/")[-1]
-        out = _structural(defs[ref], defs, ref)
+        inlined = _structural(defs[ref], defs, ref)
         if "description" in node:
-            out["description"] = node["description"]
-        return out
+            inlined["description"] = node["description"]
+        return inlined
     any_of = node.get("anyOf")
     if any_of is not None:
         options = [o for o in any_of if o.get("type") != "null"]
