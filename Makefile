@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fedjob-installed
-CACHE ?= $(HOME)/.cache/fedjob
+CACHE ?= $(or $(FEDJOB_CACHE),$(HOME)/.cache/fedjob)
 export TORCH_EXTENSIONS_DIR ?= $(CACHE)/torch_extensions
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 

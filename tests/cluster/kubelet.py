@@ -52,7 +52,11 @@ from kubernetes.client.rest import ApiException
 
 log = logging.getLogger("kubelet")
 VAR = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
-IMAGE_FILES = {"/opt/fedjob/torch_extensions": Path.home() / ".cache" / "fedjob" / "torch_extensions"}
+IMAGE_FILES = {
+    "/opt/fedjob/torch_extensions": Path(
+        os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "fedjob" / "torch_extensions")
+    )
+}
 
 
 def _now() -> str:
