@@ -97,6 +97,8 @@ class LocalRun:
                 str(self.port),
                 "--metrics-port",
                 "0",
+                "--exit-after",
+                "20",
             ],
             self.out / "logs" / "aggregator.log",
         )

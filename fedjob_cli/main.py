@@ -63,6 +63,7 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
             host=args.host,
             port=args.port,
             metrics_port=args.metrics_port,
+            linger_seconds=args.exit_after,
         ),
     )
 

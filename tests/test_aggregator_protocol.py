@@ -172,7 +172,7 @@ def test_bad_updates_get_a_precise_status_and_the_round_goes_on(
     err = refused(lambda: bad.UploadUpdate(make(agg, ones_like(small_state, 5.0))))
     assert err.code() == code, err.details()
     assert err.details().startswith(reason)
-    assert agg.metrics.rejections.labels("demo", "local", "alpha", reason)._value.get() == 1
+    assert agg.metrics.rejections.labels("demo", "alpha", reason)._value.get() == 1
     # The honest silo is unaffected, and the refused one may still deliver a good update.
     assert agg.stub("silo-beta").UploadUpdate(messages(agg, ones_like(small_state, 1.0))).accepted
     assert bad.UploadUpdate(messages(agg, ones_like(small_state, 3.0))).accepted

@@ -1,7 +1,9 @@
 """Prometheus metrics of the aggregator. Silos' figures reach Prometheus through here.
 
-Labels are bounded: job, namespace, silo (from the spec) and reason (a fixed
-set). The round number is a value, never a label.
+Labels are bounded: federatedjob, silo (from the spec), direction, phase and
+reason (fixed sets). The round number is a value, never a label. There is no
+`job` or `namespace` label: Prometheus attaches its own (scrape job, pod
+namespace) and ours would collide with them.
 """
 
 from __future__ import annotations
@@ -14,14 +16,35 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from fedjob.spec import FederatedJob
 
 PHASES = ("Running", "Succeeded", "Failed")
+REASONS = (
+    "bad_header",
+    "unknown_tensor",
+    "shape_mismatch",
+    "dtype",
+    "codec",
+    "out_of_range",
+    "malformed",
+    "non_finite",
+    "bad_message",
+    "checksum",
+    "oversized",
+    "stale_round",
+    "no_open_round",
+    "out_of_order",
+    "duplicate_chunk",
+    "incomplete",
+    "future_round",
+    "replay",
+    "unknown_silo",
+    "identity_mismatch",
+)
 
 
 class AggregatorMetrics:
     def __init__(self, job: FederatedJob, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         self.job = job.name
-        self.ns = job.metadata.namespace or "local"
-        jl = ["job", "namespace"]
+        jl = ["federatedjob"]
         sl = [*jl, "silo"]
         r = self.registry
         self.round = Gauge("fedjob_round", "Rounds completed.", jl, registry=r)
@@ -55,35 +78,58 @@ class AggregatorMetrics:
             "fedjob_compression_ratio", "Raw update bytes / bytes on the wire.", jl, registry=r
         )
         self.rejections = Counter(
-            "fedjob_updates_rejected", "Updates or chunks refused, by reason.", [*sl, "reason"], registry=r
+            "fedjob_updates_rejected",
+            "Updates or chunks refused, by silo and reason.",
+            [*sl, "reason"],
+            registry=r,
+        )
+        self.rejections_by_reason = Counter(
+            "fedjob_rejections",
+            "Updates or chunks refused, by reason (all silos).",
+            [*jl, "reason"],
+            registry=r,
+        )
+        self.deadline = Gauge("fedjob_round_deadline_seconds", "The round deadline.", jl, registry=r)
+        self.last_round_time = Gauge(
+            "fedjob_last_round_timestamp_seconds",
+            "When the last round closed (or the job started).",
+            jl,
+            registry=r,
         )
         self.missed = Counter(
             "fedjob_silo_rounds_missed", "Rounds a silo did not report in time.", sl, registry=r
         )
         self.updates = Counter("fedjob_updates_accepted", "Updates aggregated.", sl, registry=r)
-        self.rounds_total.labels(self.job, self.ns).set(job.spec.rounds)
-        self.expected.labels(self.job, self.ns).set(len(job.spec.silos))
+        self.rounds_total.labels(self.job).set(job.spec.rounds)
+        self.expected.labels(self.job).set(len(job.spec.silos))
+        self.deadline.labels(self.job).set(job.spec.aggregation.round_deadline_seconds)
+        self.last_round_time.labels(self.job).set_to_current_time()
         for s in job.silo_names():
             for d in ("up", "down"):
-                self.bytes_total.labels(self.job, self.ns, s, d)
-            self.missed.labels(self.job, self.ns, s)
-            self.updates.labels(self.job, self.ns, s)
+                self.bytes_total.labels(self.job, s, d)
+            self.missed.labels(self.job, s)
+            self.updates.labels(self.job, s)
+        # Every reason exists from the start, so dashboards and alerts see zeros, not gaps.
+        for reason in REASONS:
+            self.rejections_by_reason.labels(self.job, reason)
         self.set_phase("Running")
 
     def set_phase(self, phase: str) -> None:
         for p in PHASES:
-            self.phase.labels(self.job, self.ns, p).set(1 if p == phase else 0)
+            self.phase.labels(self.job, p).set(1 if p == phase else 0)
 
     def rejected(self, silo: str, reason: str) -> None:
-        self.rejections.labels(self.job, self.ns, silo, reason).inc()
+        self.rejections.labels(self.job, silo, reason).inc()
+        self.rejections_by_reason.labels(self.job, reason).inc()
 
     def bytes(self, silo: str, direction: str, n: int) -> None:
-        self.bytes_total.labels(self.job, self.ns, silo, direction).inc(n)
+        self.bytes_total.labels(self.job, silo, direction).inc(n)
 
     def observe(self, event: str, fields: dict[str, Any]) -> None:
         """Coordinator events -> metrics."""
-        j = (self.job, self.ns)
+        j = (self.job,)
         if event == "round_closed":
+            self.last_round_time.labels(*j).set_to_current_time()
             self.round.labels(*j).set(fields["round"])
             self.round_seconds.labels(*j).observe(fields["seconds"])
             self.mean_train_loss.labels(*j).set(fields["train_loss"])

@@ -111,7 +111,7 @@ def serve(job: FederatedJob, opts: AggregatorOptions) -> int:
         finalize=hooks.finalize,
         observe=metrics.observe,
     )
-    metrics.round.labels(metrics.job, metrics.ns).set(coord.completed)
+    metrics.round.labels(metrics.job).set(coord.completed)
     servicer = FederatedTrainingServicer(job, coord, metrics)
     server, port, health_servicer = build_server(job, servicer, CertFiles(opts.certs), opts.host, opts.port)
     http, _ = start_http_server(opts.metrics_port, addr=opts.host, registry=metrics.registry)

@@ -1,0 +1,158 @@
+"""Alerts and dashboard queries against real Prometheus: promtool checks, then a live scrape of `fedjob run`."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from fedjob.corpora import write_silo_folders
+from fedjob.modeling import build_tiny_model
+from tests.conftest import REPO
+from tests.test_helm_chart import CHART, helm, tools  # noqa: F401  (the fixture)
+
+COMPARISON = re.compile(r"\s*(>|<|==|!=|>=|<=)\s*[0-9.]+\s*$")
+
+
+def rendered_rules(tools: Path) -> dict[str, Any]:
+    out = helm(tools, "template", "fedjob", str(CHART), "--set", "prometheusRule.enabled=true")
+    rule = next(d for d in yaml.safe_load_all(out) if d and d["kind"] == "PrometheusRule")
+    spec: dict[str, Any] = rule["spec"]
+    return spec
+
+
+def dashboard_queries() -> list[str]:
+    dash = json.loads((CHART / "files" / "dashboard.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    return [e.replace("$federatedjob", ".*").replace("$namespace", ".*") for e in exprs]
+
+
+def test_promtool_checks_and_unit_tests_the_alerts(tools: Path, tmp_path: Path) -> None:
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rendered_rules(tools)))
+    check = subprocess.run(
+        [str(tools / "promtool"), "check", "rules", str(tmp_path / "rules.yaml")],
+        capture_output=True,
+        text=True,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "4 rules found" in check.stdout
+    shutil.copy(REPO / "tests" / "prometheus" / "alerts_test.yaml", tmp_path)
+    unit = subprocess.run(
+        [str(tools / "promtool"), "test", "rules", "alerts_test.yaml"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert unit.returncode == 0, unit.stdout + unit.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def api(port: int, path: str, **params: Any) -> Any:
+    url = f"http://127.0.0.1:{port}/api/v1/{path}?{urllib.parse.urlencode(params)}"
+    with urllib.request.urlopen(url, timeout=10) as r:
+        body = json.loads(r.read())
+    assert body["status"] == "success", body
+    return body["data"]
+
+
+@pytest.mark.slow
+def test_every_dashboard_and_alert_query_returns_data_from_a_real_scrape(tools: Path, tmp_path: Path) -> None:
+    build_tiny_model(tmp_path / "model", n_embd=64, n_layer=2, n_head=2)
+    write_silo_folders(tmp_path / "data", size=40_000)
+    job = {
+        "apiVersion": "fedjob.io/v1alpha1",
+        "kind": "FederatedJob",
+        "metadata": {"name": "scraped"},
+        "spec": {
+            "model": {"path": str(tmp_path / "model")},
+            "training": {
+                "mode": "lora",
+                "localSteps": 30,
+                "batchSize": 4,
+                "sequenceLength": 32,
+                "deepspeed": {"zeroStage": 1},
+            },
+            "silos": [
+                {"name": "code", "data": {"path": str(tmp_path / "data/code")}},
+                {"name": "docs", "data": {"path": str(tmp_path / "data/docs")}},
+            ],
+            "eval": {"path": str(tmp_path / "data/eval"), "batches": 1},
+            "rounds": 30,
+            "aggregation": {"minSilos": 2},
+        },
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    out = tmp_path / "out"
+    run = subprocess.Popen(
+        [sys.executable, "-m", "fedjob_cli.main", "run", str(tmp_path / "job.yaml"), "--out", str(out)],
+        stdout=open(tmp_path / "run.log", "wb"),
+        stderr=subprocess.STDOUT,
+    )
+    prom = None
+    try:
+        end = time.time() + 120
+        while not (out / "aggregator.json").exists():
+            assert time.time() < end and run.poll() is None, "the aggregator did not start"
+            time.sleep(0.2)
+        metrics_port = json.loads((out / "aggregator.json").read_text())["metrics_port"]
+        prom_port = free_port()
+        (tmp_path / "prometheus.yml").write_text(
+            yaml.safe_dump(
+                {
+                    "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                    "scrape_configs": [
+                        {
+                            "job_name": "fedjob-aggregator",
+                            "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}],
+                        }
+                    ],
+                }
+            )
+        )
+        prom = subprocess.Popen(
+            [
+                str(tools / "prometheus"),
+                f"--config.file={tmp_path / 'prometheus.yml'}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{prom_port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        # Query while the job runs (two rounds closed, four scrapes: enough for rate()):
+        # after it exits, its series go stale.
+        queries = dashboard_queries() + [
+            COMPARISON.sub("", r["expr"]) for g in rendered_rules(tools)["groups"] for r in g["rules"]
+        ]
+        end = time.time() + 240
+        ready = "fedjob_round >= 2 and count_over_time(fedjob_round[1m]) >= 4"
+        while not api(prom_port, "query", query=ready)["result"]:
+            assert time.time() < end and run.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
+            time.sleep(0.3)
+        when = time.time()
+        scraped = api(prom_port, "query", query="count({__name__=~'fedjob_.+'})", time=when)["result"]
+        empty = [q for q in queries if not api(prom_port, "query", query=q, time=when)["result"]]
+        print(f"{len(queries)} queries, {scraped[0]['value'][1]} fedjob series scraped")
+        assert not empty, f"queries that returned no data: {empty}"
+        assert run.wait(300) == 0, (tmp_path / "run.log").read_text()[-3000:]
+    finally:
+        for p in (run, prom):
+            if p is not None and p.poll() is None:
+                p.terminate()
+                p.wait(20)
