@@ -47,6 +47,18 @@ def job_doc(**spec_overrides: Any) -> dict[str, Any]:
     return doc
 
 
+@pytest.fixture(scope="session")
+def tools() -> Path:
+    """Real helm, prometheus and promtool (hack/tools.sh installs them once, cached)."""
+    import subprocess
+
+    out = subprocess.run(
+        [str(REPO / "hack" / "tools.sh"), "bin"], capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr
+    return Path(out.stdout.strip())
+
+
 @pytest.fixture
 def small_state() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)

@@ -1,4 +1,4 @@
-"""Alerts and dashboard queries against real Prometheus: promtool checks, then a live scrape of `fedjob run`."""
+"""Alerts and dashboard queries against a real Prometheus: promtool, then a live scrape of `fedjob run`."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import yaml
 from fedjob.corpora import write_silo_folders
 from fedjob.modeling import build_tiny_model
 from tests.conftest import REPO
-from tests.test_helm_chart import CHART, helm, tools  # noqa: F401  (the fixture)
+from tests.test_helm_chart import CHART, helm
 
 COMPARISON = re.compile(r"\s*(>|<|==|!=|>=|<=)\s*[0-9.]+\s*$")
 
@@ -99,11 +99,12 @@ def test_every_dashboard_and_alert_query_returns_data_from_a_real_scrape(tools: 
     }
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
     out = tmp_path / "out"
-    run = subprocess.Popen(
-        [sys.executable, "-m", "fedjob_cli.main", "run", str(tmp_path / "job.yaml"), "--out", str(out)],
-        stdout=open(tmp_path / "run.log", "wb"),
-        stderr=subprocess.STDOUT,
-    )
+    with open(tmp_path / "run.log", "wb") as log:
+        run = subprocess.Popen(
+            [sys.executable, "-m", "fedjob_cli.main", "run", str(tmp_path / "job.yaml"), "--out", str(out)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     prom = None
     try:
         end = time.time() + 120

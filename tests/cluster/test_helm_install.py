@@ -9,7 +9,6 @@ from kubernetes import client
 
 from tests.cluster.conftest import Cluster, wait_for
 from tests.conftest import REPO
-from tests.test_helm_chart import tools  # noqa: F401  (the fixture)
 
 
 def test_helm_install_creates_the_operator_objects(cluster: Cluster, namespace: str, tools: Path) -> None:
