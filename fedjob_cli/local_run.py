@@ -30,7 +30,7 @@ from fedjob.tls import write_job_certs
 from fedjob.v1 import fedjob_pb2 as pb
 from fedjob.v1 import fedjob_pb2_grpc as pb_grpc
 
-MAX_AGGREGATOR_RESTARTS = 5
+DEFAULT_MAX_RESTARTS = 10
 
 
 def _free_port() -> int:
@@ -76,6 +76,7 @@ class LocalRun:
     job_file: Path
     job: FederatedJob
     out: Path
+    max_restarts: int = DEFAULT_MAX_RESTARTS
     console: Console = field(default_factory=Console)
 
     def __post_init__(self) -> None:
@@ -168,12 +169,13 @@ class LocalRun:
                 elif st and st.round != shown_round:
                     shown_round = st.round
                     self.console.print(self._line(st, started))
+                self._restart_failed_workers(last)
                 rc = self.aggregator.poll()
                 if rc is None:
                     continue
                 if rc == 0 or (last is not None and last.phase == "Failed"):
                     break
-                if self.aggregator.restarts >= MAX_AGGREGATOR_RESTARTS:
+                if self.aggregator.restarts >= self.max_restarts:
                     self.console.print(
                         f"[red]aggregator failed {self.aggregator.restarts + 1} times; giving up[/]"
                     )
@@ -196,6 +198,18 @@ class LocalRun:
             self.aggregator.stop()
             self.channel.close()
         return self._summary(started)
+
+    def _restart_failed_workers(self, last: pb.JobStatus | None) -> None:
+        """A silo that crashed is started again, like a Kubernetes Job retrying its pod."""
+        if last is not None and last.phase != "Running":
+            return
+        for w in self.workers:
+            rc = w.poll()
+            if rc is None or rc == 0 or w.restarts >= self.max_restarts:
+                continue
+            w.restarts += 1
+            self.console.print(f"[yellow]silo {w.name} exited with {rc}; restarting it ({w.restarts})[/]")
+            w.start()
 
     # ----- display ----------------------------------------------------------------------------------
 
@@ -327,8 +341,14 @@ def plot_losses(history: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def run_local(job_file: Path, job: FederatedJob, out: Path, fresh: bool = False) -> int:
+def run_local(
+    job_file: Path,
+    job: FederatedJob,
+    out: Path,
+    fresh: bool = False,
+    max_restarts: int = DEFAULT_MAX_RESTARTS,
+) -> int:
     if fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    return LocalRun(job_file, job, out).run()
+    return LocalRun(job_file, job, out, max_restarts).run()

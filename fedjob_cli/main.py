@@ -99,7 +99,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     job = _job(args.file)
     out = Path(args.out) if args.out else Path("runs") / job.name
-    return run_local(Path(args.file), job, out, fresh=args.fresh)
+    return run_local(Path(args.file), job, out, fresh=args.fresh, max_restarts=args.max_restarts)
 
 
 def cmd_example(args: argparse.Namespace) -> int:
@@ -151,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("file")
     s.add_argument("--out", help="output folder (default runs/<job name>)")
     s.add_argument("--fresh", action="store_true", help="discard an earlier run's checkpoints in --out")
+    s.add_argument(
+        "--max-restarts",
+        type=int,
+        default=10,
+        help="restart a crashed aggregator or silo this many times (default 10)",
+    )
     s.set_defaults(fn=cmd_run)
 
     s = sub.add_parser("validate", help="check a FederatedJob file and list every problem")

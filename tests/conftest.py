@@ -48,6 +48,18 @@ def job_doc(**spec_overrides: Any) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="session")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny byte-level GPT-2 (built from a config) and the example silos' text, made once."""
+    from fedjob.corpora import write_silo_folders
+    from fedjob.modeling import build_tiny_model
+
+    root = tmp_path_factory.mktemp("assets")
+    build_tiny_model(root / "model", n_embd=64, n_layer=2, n_head=2)
+    write_silo_folders(root / "data", size=60_000)
+    return root
+
+
+@pytest.fixture(scope="session")
 def tools() -> Path:
     """Real helm, prometheus and promtool (hack/tools.sh installs them once, cached)."""
     import subprocess
@@ -89,7 +101,7 @@ class LiveAggregator:
 @pytest.fixture
 def live_aggregator(tmp_path: Path, small_state: dict[str, np.ndarray]) -> Iterator[LiveAggregator]:
     """The real servicer and coordinator behind real mTLS on loopback, with a small numeric state."""
-    job = parse_job(job_doc())
+    job = parse_job(job_doc(aggregation={"minSilos": 1, "roundDeadlineSeconds": 600}))
     certs = write_job_certs(tmp_path / "certs", job.name, job.silo_names())
     coord = Coordinator(job, FedAvg(), small_state, tmp_path / "work")
     metrics = AggregatorMetrics(job)

@@ -12,9 +12,6 @@ import numpy as np
 import pytest
 import yaml
 
-from fedjob.corpora import write_silo_folders
-from fedjob.modeling import build_tiny_model
-
 pytestmark = pytest.mark.slow
 REQUIRED = {
     "round",
@@ -27,14 +24,6 @@ REQUIRED = {
     "compression_ratio",
     "seconds",
 }
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("assets")
-    build_tiny_model(root / "model", n_embd=64, n_layer=2, n_head=2)
-    write_silo_folders(root / "data", size=60_000)
-    return root
 
 
 def run_job(

@@ -17,8 +17,6 @@ from typing import Any
 import pytest
 import yaml
 
-from fedjob.corpora import write_silo_folders
-from fedjob.modeling import build_tiny_model
 from tests.conftest import REPO
 from tests.test_helm_chart import CHART, helm
 
@@ -72,15 +70,15 @@ def api(port: int, path: str, **params: Any) -> Any:
 
 
 @pytest.mark.slow
-def test_every_dashboard_and_alert_query_returns_data_from_a_real_scrape(tools: Path, tmp_path: Path) -> None:
-    build_tiny_model(tmp_path / "model", n_embd=64, n_layer=2, n_head=2)
-    write_silo_folders(tmp_path / "data", size=40_000)
+def test_every_dashboard_and_alert_query_returns_data_from_a_real_scrape(
+    tools: Path, tmp_path: Path, assets: Path
+) -> None:
     job = {
         "apiVersion": "fedjob.io/v1alpha1",
         "kind": "FederatedJob",
         "metadata": {"name": "scraped"},
         "spec": {
-            "model": {"path": str(tmp_path / "model")},
+            "model": {"path": str(assets / "model")},
             "training": {
                 "mode": "lora",
                 "localSteps": 30,
@@ -89,10 +87,10 @@ def test_every_dashboard_and_alert_query_returns_data_from_a_real_scrape(tools: 
                 "deepspeed": {"zeroStage": 1},
             },
             "silos": [
-                {"name": "code", "data": {"path": str(tmp_path / "data/code")}},
-                {"name": "docs", "data": {"path": str(tmp_path / "data/docs")}},
+                {"name": "code", "data": {"path": str(assets / "data/code")}},
+                {"name": "docs", "data": {"path": str(assets / "data/docs")}},
             ],
-            "eval": {"path": str(tmp_path / "data/eval"), "batches": 1},
+            "eval": {"path": str(assets / "data/eval"), "batches": 1},
             "rounds": 30,
             "aggregation": {"minSilos": 2},
         },

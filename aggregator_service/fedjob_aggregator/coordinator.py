@@ -66,6 +66,7 @@ class Upload:
     total_chunks: int
     spool: Path
     raw_bytes: int
+    streaming: bool = True  # a handler is reading this upload's stream right now
 
 
 @dataclass
@@ -319,6 +320,12 @@ class Coordinator:
                     f"this model and codec make {self.expected_chunks}",
                 )
             held = rnd.in_flight.get(silo)
+            if held is not None and held.streaming:
+                raise Refused(
+                    "RESOURCE_EXHAUSTED",
+                    "concurrent_upload",
+                    f"{silo} already has an upload streaming; one at a time per silo",
+                )
             if held is not None and held.upload_id == header.upload_id:
                 if header.resume_from != held.validator.next_seq:
                     raise Refused(
@@ -327,6 +334,7 @@ class Coordinator:
                         f"resume from chunk {header.resume_from}, "
                         f"the aggregator holds up to {held.validator.next_seq}",
                     )
+                held.streaming = True
                 return held
             if held is not None:
                 self._discard(rnd, held, "superseded by a new upload")
@@ -403,6 +411,10 @@ class Coordinator:
                 return 0
             held = rnd.in_flight.get(silo)
             return held.validator.next_seq if held is not None and held.upload_id == upload_id else 0
+
+    def stream_ended(self, up: Upload) -> None:
+        with self.cond:
+            up.streaming = False
 
     def _live(self, up: Upload) -> RoundState:
         rnd = self.current

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import resource
 import signal
 import threading
@@ -120,7 +121,16 @@ def serve(job: FederatedJob, opts: AggregatorOptions) -> int:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     atomic_write(
         opts.workdir / "aggregator.json",
-        json.dumps({"port": port, "metrics_port": http.server_port, "host": opts.host}).encode(),
+        json.dumps(
+            {
+                "port": port,
+                "metrics_port": http.server_port,
+                "host": opts.host,
+                "pid": os.getpid(),
+                "started": time.time(),
+                "resumed_after_round": coord.completed,
+            }
+        ).encode(),
     )
     log.info("aggregator for job %s on %s:%d (metrics :%d)", job.name, opts.host, port, http.server_port)
 

@@ -113,6 +113,9 @@ class FederatedTrainingServicer(pb_grpc.FederatedTrainingServicer):
             if first is None or first.WhichOneof("part") != "header":
                 raise Refused("INVALID_ARGUMENT", "bad_header", "an upload starts with an UpdateHeader")
             up = self.coord.begin_upload(silo, first.header)
+        except Refused as exc:
+            self._refuse(context, silo, exc)
+        try:
             for msg in request_iterator:
                 part = msg.WhichOneof("part")
                 if part == "chunk":
@@ -137,6 +140,8 @@ class FederatedTrainingServicer(pb_grpc.FederatedTrainingServicer):
         except Refused as exc:
             self.metrics.bytes(silo, "up", received)
             self._refuse(context, silo, exc)
+        finally:
+            self.coord.stream_ended(up)
         raise AssertionError("unreachable")
 
     def QueryUpload(

@@ -96,11 +96,13 @@ def _rank_main(job: FederatedJob, opts: WorkerOptions, rank: int, world: int, po
             reply.current_round,
             reply.total_rounds,
         )
-    last_round = 0
+    delivered = 0  # the last round whose update the aggregator accepted
     while True:
         box: list[Any] = [None]
         if client is not None:
-            task = client.next_task(last_round)
+            # "Any round I have not delivered": a restarted aggregator that lost this
+            # silo's update for the open round hands that round out again.
+            task = client.next_task(max(delivered - 1, 0))
             box[0] = (task.state, task.round, task.message)
         dist.broadcast_object_list(box, src=0)
         state, round_number, message = box[0]
@@ -142,9 +144,9 @@ def _rank_main(job: FederatedJob, opts: WorkerOptions, rank: int, world: int, po
                     train_loss=result.train_loss,
                 )
                 log.info("round %d: update sent, %d bytes (%s)", round_number, sent, codec.name)
+                delivered = round_number
             except UpdateRefused as exc:
                 log.error("round %d: update refused: %s", round_number, exc)
-        last_round = round_number
     if client is not None:
         client.close()
     dist.barrier()

@@ -1,0 +1,282 @@
+"""Faults: the aggregator killed at random moments, a silo killed mid-round, a quorum that cannot hold,
+torn checkpoint writes, concurrent streams, and a fuzzed upload stream that must never crash the service."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import psutil
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fedjob.aggregation import FedAvg
+from fedjob.checkpoint import Checkpoint, CheckpointStore
+from fedjob.chunking import iter_chunks
+from fedjob.spec import parse_job
+from fedjob.v1 import fedjob_pb2 as pb
+from tests.conftest import LiveAggregator, job_doc
+from tests.test_aggregator_protocol import CHUNK, CODEC, header, messages, ones_like
+
+
+def write_job(tmp_path: Path, assets: Path, silos: list[str], **spec: Any) -> Path:
+    doc = {
+        "apiVersion": "fedjob.io/v1alpha1",
+        "kind": "FederatedJob",
+        "metadata": {"name": "faults"},
+        "spec": {
+            "model": {"path": str(assets / "model")},
+            "training": {
+                "mode": "lora",
+                "localSteps": 6,
+                "batchSize": 4,
+                "sequenceLength": 32,
+                "lora": {"r": 4},
+                "deepspeed": {"zeroStage": 1},
+            },
+            "silos": [{"name": s, "data": {"path": str(assets / "data" / s)}} for s in silos],
+            **spec,
+        },
+    }
+    f = tmp_path / "job.yaml"
+    f.write_text(yaml.safe_dump(doc))
+    return f
+
+
+def start_run(job: Path, out: Path, *extra: str) -> subprocess.Popen[bytes]:
+    log = open(out.parent / "run.log", "wb")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedjob_cli.main", "run", str(job), "--out", str(out), *extra],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def rounds_in(out: Path) -> list[dict[str, Any]]:
+    path = out / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.mark.slow
+def test_the_aggregator_killed_ten_times_at_random_moments_still_finishes_every_round(
+    assets: Path, tmp_path: Path
+) -> None:
+    job = write_job(
+        tmp_path,
+        assets,
+        ["code", "docs"],
+        rounds=30,
+        aggregation={"minSilos": 2, "roundDeadlineSeconds": 120},
+    )
+    out = tmp_path / "out"
+    run = start_run(job, out, "--max-restarts", "15")
+    kills: list[dict[str, Any]] = []
+    resume_seconds: list[float] = []
+    rng = random.Random(7)
+    try:
+        while len(kills) < 10 and run.poll() is None:
+            info_path = out / "aggregator.json"
+            info = json.loads(info_path.read_text()) if info_path.exists() else None
+            if info is None or (kills and info["pid"] == kills[-1]["pid"]):
+                time.sleep(0.05)  # not (re)started yet
+                continue
+            if kills:
+                resume_seconds.append(info["started"] - kills[-1]["killed"])
+            if len(kills) % 2 == 0:
+                # Mid-job: once a round has closed since the last kill, kill it at a random
+                # point of the next round (mid-download, mid-training, mid-upload, mid-checkpoint).
+                before = kills[-1]["rounds_done"] if kills else 0
+                while len(rounds_in(out)) <= before and run.poll() is None:
+                    time.sleep(0.05)
+                time.sleep(rng.uniform(0.0, 0.6))
+            else:
+                # During start-up and the silos' reconnection.
+                time.sleep(rng.uniform(0.0, 2.5))
+            try:
+                os.kill(info["pid"], signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            kills.append({"pid": info["pid"], "killed": time.time(), "rounds_done": len(rounds_in(out))})
+        assert run.wait(600) == 0, (tmp_path / "run.log").read_text()[-3000:]
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert len(kills) >= 10, f"the job finished after only {len(kills)} kills"
+    history = rounds_in(out)
+    assert [r["round"] for r in history] == list(range(1, 31))  # none lost, none counted twice
+    assert all(r["num_participants"] == 2 for r in history)
+    assert (out / "adapter" / "adapter_config.json").exists()
+    log = (out / "logs" / "aggregator.log").read_text()
+    assert log.count("aggregator for job faults on") == len(kills) + 1
+    print(
+        f"{len(kills)} kills at rounds {[k['rounds_done'] for k in kills]}; aggregator back up "
+        f"{min(resume_seconds):.1f}-{max(resume_seconds):.1f} s after each kill"
+    )
+
+
+@pytest.mark.slow
+def test_a_silo_that_stalls_past_the_deadline_is_left_out_and_rejoins(assets: Path, tmp_path: Path) -> None:
+    silos = ["code", "docs", "unicode", "code2"]
+    (assets / "data" / "code2").mkdir(exist_ok=True)
+    (assets / "data" / "code2" / "more.txt").write_text(
+        (assets / "data" / "code" / "code.txt").read_text()[::-1]
+    )
+    job = write_job(
+        tmp_path, assets, silos, rounds=4, aggregation={"minSilos": 3, "roundDeadlineSeconds": 20}
+    )
+    out = tmp_path / "out"
+    run = start_run(job, out)
+    try:
+        deadline = time.time() + 300
+        victim = None
+        while victim is None and time.time() < deadline:
+            if len(rounds_in(out)) >= 1:
+                for child in psutil.Process(run.pid).children(recursive=True):
+                    cmd = child.cmdline()
+                    if "--silo" in cmd and cmd[cmd.index("--silo") + 1] == "unicode":
+                        victim = child
+            time.sleep(0.05)
+        assert victim is not None
+        victim.suspend()  # SIGSTOP: the silo hangs mid-round
+        time.sleep(24)
+        victim.resume()
+        assert run.wait(600) == 0, (tmp_path / "run.log").read_text()[-3000:]
+    finally:
+        if run.poll() is None:
+            run.kill()
+    history = rounds_in(out)
+    assert [r["round"] for r in history] == [1, 2, 3, 4]
+    missed = [r for r in history if r["missing"] == ["unicode"]]
+    assert missed and missed[0]["num_participants"] == 3, history
+    assert "unicode" in history[-1]["participants"], "the silo rejoins after the stall"
+
+
+def test_the_job_fails_with_a_message_when_the_quorum_cannot_be_reached(tmp_path: Path, small_state) -> None:  # type: ignore[no-untyped-def]
+    from fedjob_aggregator.coordinator import Coordinator
+
+    job = parse_job(job_doc(aggregation={"minSilos": 2, "roundDeadlineSeconds": 0.5}))
+    coord = Coordinator(job, FedAvg(), small_state, tmp_path)
+    assert coord.run() == "Failed"
+    assert "quorum not reached, 0 of 2 required silos reported before the deadline" in coord.message
+    assert "missing: alpha, beta" in coord.message
+
+
+def test_a_torn_checkpoint_write_leaves_the_previous_round(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    store.save(Checkpoint(1, {"w": np.ones(3, np.float32)}, [{"round": 1}]))
+    # A crash after the new weights were written but before the index was replaced,
+    # and another in the middle of writing the index's temporary file.
+    (tmp_path / "global-000002.npz").write_bytes(b"half a file")
+    (tmp_path / ".checkpoint.json.tmp-999").write_text('{"round": 2, "fi')
+    loaded = CheckpointStore(tmp_path).load()
+    assert loaded is not None and loaded.round == 1 and loaded.history == [{"round": 1}]
+    np.testing.assert_array_equal(loaded.state["w"], np.ones(3))
+
+
+def test_only_one_upload_stream_per_silo_at_a_time(live_aggregator: LiveAggregator, small_state) -> None:  # type: ignore[no-untyped-def]
+    agg = live_aggregator
+    stub = agg.stub("silo-alpha")
+    gate = threading.Event()
+    chunks = list(iter_chunks(ones_like(small_state), CODEC, CHUNK, np.random.default_rng(0)))
+
+    def slow() -> Any:
+        yield pb.UploadMessage(header=header(agg))
+        yield pb.UploadMessage(chunk=chunks[0])
+        gate.wait(10)
+
+    first = stub.UploadUpdate.future(slow())
+    time.sleep(0.5)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.UploadUpdate(messages(agg, ones_like(small_state)))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert info.value.details().startswith("concurrent_upload")
+    gate.set()
+    first.cancel()
+
+
+FUZZ_CASES = {"n": 0}
+ALLOWED = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.DATA_LOSS,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.OUT_OF_RANGE,
+    grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.ABORTED,
+}
+
+chunk_strategy = st.builds(
+    pb.Chunk,
+    seq=st.integers(0, 8),
+    tensor=st.builds(
+        pb.TensorSpec,
+        name=st.sampled_from(["layer.lora_A", "layer.lora_B", "bias", "x", ""]),
+        shape=st.lists(st.integers(0, 400), max_size=3),
+        dtype=st.sampled_from(["float32", "int8", ""]),
+    ),
+    offset=st.integers(0, 2000),
+    count=st.integers(0, 3000),
+    codec=st.sampled_from(["int8+zstd", "raw", "int8", "fp16+zstd", "bogus"]),
+    payload=st.binary(max_size=6000),
+    crc32=st.integers(0, 2**32 - 1),
+    params=st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), max_size=2),
+)
+message_strategy = st.one_of(
+    st.builds(
+        lambda h: pb.UploadMessage(header=h),
+        st.builds(
+            pb.UpdateHeader,
+            round=st.integers(0, 3),
+            upload_id=st.text(max_size=8),
+            num_samples=st.integers(0, 5),
+            local_steps=st.integers(0, 3),
+            train_loss=st.floats(width=32),
+            total_chunks=st.integers(0, 10),
+            resume_from=st.integers(0, 3),
+        ),
+    ),
+    st.builds(lambda c: pb.UploadMessage(chunk=c), chunk_strategy),
+    st.builds(lambda n: pb.UploadMessage(trailer=pb.UpdateTrailer(total_chunks=n)), st.integers(0, 10)),
+    st.just(pb.UploadMessage()),
+)
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(stream=st.lists(message_strategy, max_size=8), valid_prefix=st.booleans())
+def test_fuzzed_upload_streams_get_a_status_and_never_break_the_aggregator(
+    live_aggregator: LiveAggregator, small_state, stream: list[pb.UploadMessage], valid_prefix: bool
+) -> None:  # type: ignore[no-untyped-def]
+    agg = live_aggregator
+    stub = agg.stub("silo-alpha")
+    if valid_prefix:  # a well-formed start, then garbage: exercises the checks after the header
+        good = list(iter_chunks(ones_like(small_state), CODEC, CHUNK, np.random.default_rng(0)))
+        stream = [
+            pb.UploadMessage(header=header(agg, upload_id=uuid.uuid4().hex)),
+            pb.UploadMessage(chunk=good[0]),
+            *stream,
+        ]
+    FUZZ_CASES["n"] += 1
+    try:
+        receipt = stub.UploadUpdate(iter(stream), timeout=10)
+        assert receipt.accepted
+    except grpc.RpcError as exc:
+        assert exc.code() in ALLOWED, (exc.code(), exc.details())
+    # The service is still whole: status answers, and an honest silo still gets its update in.
+    assert agg.stub("observer").GetStatus(pb.StatusRequest(), timeout=5).phase in ("Running", "Succeeded")
+
+
+def test_zz_report_fuzz_cases() -> None:
+    print(f"fuzzed upload streams tried: {FUZZ_CASES['n']}")
