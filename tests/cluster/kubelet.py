@@ -208,6 +208,10 @@ class FakeKubelet:
         for target, src in IMAGE_FILES.items():
             src.mkdir(parents=True, exist_ok=True)
             mounts.append((src, target, False))
+        # The "image" is this checkout and its virtualenv, at their own paths: mounted
+        # last, so an emptyDir at /tmp cannot hide a checkout that lives under /tmp.
+        for path in _image_paths():
+            mounts.append((path, str(path), True))
         read_only_root = bool(c.security_context and c.security_context.read_only_root_filesystem)
         probe = (
             c.readiness_probe.tcp_socket.port if c.readiness_probe and c.readiness_probe.tcp_socket else None
@@ -465,6 +469,7 @@ fds = [os.open(src, os.O_PATH) for src, _, _ in plan]
 def mount(*args):
     subprocess.run(["mount", *args], check=True)
 for fd, (_, target, ro) in zip(fds, plan):
+    os.makedirs(target, exist_ok=True)  # inside a fresh emptyDir, say
     mount("--bind", f"/proc/{os.getpid()}/fd/{fd}", target)
     if ro:
         mount("-o", "remount,bind,ro", target)
@@ -475,6 +480,12 @@ if read_only_root:
     mount("-o", "remount,bind,ro", "/")
 os.execvp(sys.argv[2], sys.argv[2:])
 """
+
+
+def _image_paths() -> list[Path]:
+    repo = Path(__file__).resolve().parents[2]
+    venv = Path(sys.prefix).resolve()
+    return [repo] if venv.is_relative_to(repo) else [repo, venv]
 
 
 class _NotYet(Exception):
