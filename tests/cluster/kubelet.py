@@ -470,7 +470,8 @@ def mount(*args):
     subprocess.run(["mount", *args], check=True)
 for fd, (_, target, ro) in zip(fds, plan):
     os.makedirs(target, exist_ok=True)  # inside a fresh emptyDir, say
-    mount("--bind", f"/proc/{os.getpid()}/fd/{fd}", target)
+    # --no-canonicalize: resolving the /proc link by path would find the new mount point.
+    mount("--no-canonicalize", "--bind", f"/proc/{os.getpid()}/fd/{fd}", target)
     if ro:
         mount("-o", "remount,bind,ro", target)
 for fd in fds:
