@@ -51,6 +51,7 @@ class Proc:
     restarts: int = 0
 
     env: dict[str, str] | None = None
+    exited_at: float | None = None
 
     def start(self) -> None:
         self.log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
@@ -207,6 +208,11 @@ class LocalRun:
             rc = w.poll()
             if rc is None or rc == 0 or w.restarts >= self.max_restarts:
                 continue
+            # Back off like a Kubernetes Job: 10 s, 20 s, 40 s ... (at most 5 minutes).
+            w.exited_at = w.exited_at or time.time()
+            if time.time() - w.exited_at < min(10 * 2**w.restarts, 300):
+                continue
+            w.exited_at = None
             w.restarts += 1
             self.console.print(f"[yellow]silo {w.name} exited with {rc}; restarting it ({w.restarts})[/]")
             w.start()

@@ -144,10 +144,7 @@ def test_a_silo_that_stalls_past_the_deadline_is_left_out_and_rejoins(assets: Pa
         victim = None
         while victim is None and time.time() < deadline:
             if len(rounds_in(out)) >= 1:
-                for child in psutil.Process(run.pid).children(recursive=True):
-                    cmd = child.cmdline()
-                    if "--silo" in cmd and cmd[cmd.index("--silo") + 1] == "unicode":
-                        victim = child
+                victim = find_silo_process(run, "unicode")
             time.sleep(0.05)
         assert victim is not None
         victim.suspend()  # SIGSTOP: the silo hangs mid-round
@@ -162,6 +159,97 @@ def test_a_silo_that_stalls_past_the_deadline_is_left_out_and_rejoins(assets: Pa
     missed = [r for r in history if r["missing"] == ["unicode"]]
     assert missed and missed[0]["num_participants"] == 3, history
     assert "unicode" in history[-1]["participants"], "the silo rejoins after the stall"
+
+
+def find_silo_process(run: subprocess.Popen[bytes], silo: str) -> psutil.Process | None:
+    for child in psutil.Process(run.pid).children(recursive=True):
+        cmd = child.cmdline()
+        if "--silo" in cmd and cmd[cmd.index("--silo") + 1] == silo:
+            return child
+    return None
+
+
+def code2(assets: Path) -> None:
+    (assets / "data" / "code2").mkdir(exist_ok=True)
+    (assets / "data" / "code2" / "more.txt").write_text(
+        (assets / "data" / "code" / "code.txt").read_text()[::-1]
+    )
+
+
+@pytest.mark.slow
+def test_a_silo_killed_mid_round_is_left_out_and_rejoins_a_later_round(assets: Path, tmp_path: Path) -> None:
+    code2(assets)
+    job = write_job(
+        tmp_path,
+        assets,
+        ["code", "docs", "unicode", "code2"],
+        rounds=5,
+        aggregation={"minSilos": 3, "roundDeadlineSeconds": 8},
+    )
+    out = tmp_path / "out"
+    run = start_run(job, out)
+    try:
+        end = time.time() + 300
+        while len(rounds_in(out)) < 1:
+            assert time.time() < end and run.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
+            time.sleep(0.05)
+        victim = find_silo_process(run, "unicode")
+        assert victim is not None
+        killed_after = len(rounds_in(out))
+        victim.send_signal(signal.SIGKILL)  # restarted by `fedjob run` after a 10 s back-off, like a Job
+        assert run.wait(600) == 0, (tmp_path / "run.log").read_text()[-3000:]
+    finally:
+        if run.poll() is None:
+            run.kill()
+    history = rounds_in(out)
+    assert [r["round"] for r in history] == [1, 2, 3, 4, 5]
+    left_out = [r for r in history if r["round"] > killed_after and "unicode" in r["missing"]]
+    assert left_out and left_out[0]["num_participants"] == 3, history
+    assert "unicode" in history[-1]["participants"], history
+    assert "silo unicode exited with -9; restarting it" in (tmp_path / "run.log").read_text()
+
+
+def test_a_stuck_upload_cannot_hold_the_round_past_its_deadline(tmp_path: Path, small_state) -> None:  # type: ignore[no-untyped-def]
+    from fedjob_aggregator.coordinator import Coordinator
+
+    job = parse_job(job_doc(aggregation={"minSilos": 1, "roundDeadlineSeconds": 1}))
+    coord = Coordinator(job, FedAvg(), small_state, tmp_path)
+    for silo in ("alpha", "beta"):
+        coord.join(silo)
+    stop = threading.Event()
+    loop = threading.Thread(target=coord.run, args=(stop,), daemon=True)
+    loop.start()
+    while coord.current is None:
+        time.sleep(0.01)
+    chunks = list(iter_chunks(ones_like(small_state, 1.0), CODEC, CHUNK, np.random.default_rng(0)))
+
+    def start(silo: str) -> Any:
+        return coord.begin_upload(
+            silo,
+            pb.UpdateHeader(
+                round=1,
+                upload_id=silo,
+                num_samples=10,
+                local_steps=5,
+                train_loss=2.0,
+                total_chunks=len(chunks),
+            ),
+        )
+
+    stuck = start("alpha")
+    coord.add_chunk(stuck, chunks[0])  # ... and never another byte
+    honest = start("beta")
+    for c in chunks:
+        coord.add_chunk(honest, c)
+    coord.finish_upload(honest, pb.UpdateTrailer(total_chunks=len(chunks)))
+    started = time.time()
+    while coord.completed < 1:
+        assert time.time() - started < 5, "the round must close at its deadline"
+        time.sleep(0.02)
+    assert coord.history[0]["participants"] == ["beta"] and coord.history[0]["missing"] == ["alpha"]
+    for k, v in small_state.items():  # the stuck upload's chunk was taken back out
+        np.testing.assert_allclose(coord.global_state[k], v + 1.0, atol=1e-5)
+    stop.set()
 
 
 def test_the_job_fails_with_a_message_when_the_quorum_cannot_be_reached(tmp_path: Path, small_state) -> None:  # type: ignore[no-untyped-def]

@@ -92,6 +92,7 @@ class RoundState:
     bytes_down: dict[str, int] = field(default_factory=dict)
     raw_up: int = 0
     rejected: int = 0
+    clock_started: bool = True
 
 
 Observer = Callable[[str, dict[str, Any]], None]
@@ -139,6 +140,8 @@ class Coordinator:
         self.history = ckpt.history
         self._rewrite_metrics()
         self.current: RoundState | None = None
+        self.seen: set[str] = set()  # silos that called in since this process started
+        self._first_round = True
         if self.completed >= self.spec.rounds:
             self.phase = "Succeeded"
         log.info("job %s: resuming after round %d of %d", job.name, self.completed, self.spec.rounds)
@@ -150,13 +153,19 @@ class Coordinator:
         rng = np.random.default_rng(number)
         download = list(iter_chunks(self.global_state, self.download_codec, self.chunk_bytes, rng))
         now = time.time()
+        limit = self.spec.aggregation.round_deadline_seconds
+        # The first round after a (re)start waits for minSilos silos to call in before its
+        # clock starts (pods may still be scheduling, silos backing off), at most one deadline.
+        waiting = self._first_round and len(self.seen) < self.spec.aggregation.min_silos
+        self._first_round = False
         self.current = RoundState(
             number=number,
             opened=now,
-            deadline=now + self.spec.aggregation.round_deadline_seconds,
+            deadline=now + (2 * limit if waiting else limit),
             total=RunningSum(self.manifest),
             download=download,
             download_bytes=sum(len(c.payload) for c in download),
+            clock_started=not waiting,
         )
         for s in self.silos.values():
             s.state = "waiting" if s.state != "absent" else "absent"
@@ -251,8 +260,16 @@ class Coordinator:
 
     # ----- what handlers call ----------------------------------------------------------------------
 
+    def _saw(self, silo: str) -> None:
+        self.seen.add(silo)
+        rnd = self.current
+        if rnd is not None and not rnd.clock_started and len(self.seen) >= self.spec.aggregation.min_silos:
+            rnd.clock_started = True
+            rnd.deadline = min(rnd.deadline, time.time() + self.spec.aggregation.round_deadline_seconds)
+
     def join(self, silo: str) -> None:
         with self.cond:
+            self._saw(silo)
             if self.silos[silo].state == "absent":
                 self.silos[silo].state = "joined"
             self.observe("joined", {"silo": silo})
@@ -260,6 +277,7 @@ class Coordinator:
     def next_task(self, silo: str, after_round: int, wait: float) -> pb.Task:
         end = time.time() + max(0.0, min(wait, 60.0))
         with self.cond:
+            self._saw(silo)
             while True:
                 if self.phase == "Succeeded":
                     self.silos[silo].state = "done"
