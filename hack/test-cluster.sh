@@ -5,6 +5,7 @@
 #   hack/test-cluster.sh up      start them; writes .test-cluster/kubeconfig
 #   hack/test-cluster.sh down    stop them
 #
+# If a kind cluster exists (and FEDJOB_NO_KIND is unset) it is used instead.
 # No registry ships these binaries, so they are built offline from Debian
 # bookworm's `kubernetes` source package (v1.20.2) with Debian's Go 1.19, as
 # ../shared/ENVIRONMENT.md describes. Binaries are cached in
@@ -106,7 +107,31 @@ wait_for() {
   log "$what did not become ready; see $STATE/*.log"; return 1
 }
 
+use_kind() {
+  # An existing kind cluster: use it instead of building one. The operator's
+  # RBAC identity is a real ServiceAccount token there.
+  command -v kind >/dev/null 2>&1 || return 1
+  local name; name=$(kind get clusters 2>/dev/null | head -n 1)
+  [ -n "$name" ] || return 1
+  mkdir -p "$STATE"
+  kind get kubeconfig --name "$name" > "$STATE/kubeconfig"
+  local k=(kubectl --kubeconfig "$STATE/kubeconfig")
+  "${k[@]}" create namespace fedjob --dry-run=client -o yaml | "${k[@]}" apply -f - >/dev/null
+  "${k[@]}" -n fedjob create serviceaccount fedjob-operator --dry-run=client -o yaml | "${k[@]}" apply -f - >/dev/null
+  local token; token=$("${k[@]}" -n fedjob create token fedjob-operator --duration 24h)
+  python3 - "$STATE/kubeconfig" "$STATE/operator.kubeconfig" "$token" <<'PY'
+import sys, yaml
+cfg = yaml.safe_load(open(sys.argv[1]))
+cfg["users"] = [{"name": "operator", "user": {"token": sys.argv[3]}}]
+for ctx in cfg["contexts"]:
+    ctx["context"]["user"] = "operator"
+yaml.safe_dump(cfg, open(sys.argv[2], "w"))
+PY
+  log "using kind cluster $name"
+}
+
 up() {
+  if [ -z "${FEDJOB_NO_KIND:-}" ] && use_kind; then return; fi
   if [ -f "$STATE/kubeconfig" ] && "$(bins)/kubectl" --kubeconfig "$STATE/kubeconfig" get --raw /readyz >/dev/null 2>&1; then
     log "already running ($STATE/kubeconfig)"; return
   fi
