@@ -119,14 +119,9 @@ use_kind() {
   "${k[@]}" create namespace fedjob --dry-run=client -o yaml | "${k[@]}" apply -f - >/dev/null
   "${k[@]}" -n fedjob create serviceaccount fedjob-operator --dry-run=client -o yaml | "${k[@]}" apply -f - >/dev/null
   local token; token=$("${k[@]}" -n fedjob create token fedjob-operator --duration 24h)
-  python3 - "$STATE/kubeconfig" "$STATE/operator.kubeconfig" "$token" <<'PY'
-import sys, yaml
-cfg = yaml.safe_load(open(sys.argv[1]))
-cfg["users"] = [{"name": "operator", "user": {"token": sys.argv[3]}}]
-for ctx in cfg["contexts"]:
-    ctx["context"]["user"] = "operator"
-yaml.safe_dump(cfg, open(sys.argv[2], "w"))
-PY
+  cp "$STATE/kubeconfig" "$STATE/operator.kubeconfig"
+  kubectl --kubeconfig "$STATE/operator.kubeconfig" config set-credentials operator --token="$token" >/dev/null
+  kubectl --kubeconfig "$STATE/operator.kubeconfig" config set-context --current --user=operator >/dev/null
   log "using kind cluster $name"
 }
 
