@@ -96,6 +96,7 @@ build() {
 }
 
 bins() {
+  if [ -f "$STATE/kind" ]; then dirname "$(command -v kubectl)"; return; fi
   if [ -n "${KUBEBUILDER_ASSETS:-}" ] && [ -x "$KUBEBUILDER_ASSETS/kube-apiserver" ]; then echo "$KUBEBUILDER_ASSETS"; else echo "$BIN"; fi
 }
 
@@ -122,6 +123,7 @@ use_kind() {
   cp "$STATE/kubeconfig" "$STATE/operator.kubeconfig"
   kubectl --kubeconfig "$STATE/operator.kubeconfig" config set-credentials operator --token="$token" >/dev/null
   kubectl --kubeconfig "$STATE/operator.kubeconfig" config set-context --current --user=operator >/dev/null
+  echo "$name" > "$STATE/kind"
   log "using kind cluster $name"
 }
 
@@ -191,7 +193,7 @@ down() {
     fi
   done
   sleep 0.5
-  rm -rf "$STATE/etcd" "$STATE/kubeconfig" "$STATE/operator.kubeconfig"
+  rm -rf "$STATE/etcd" "$STATE/kubeconfig" "$STATE/operator.kubeconfig" "$STATE/kind"
 }
 
 case "${1:-}" in
