@@ -16,6 +16,8 @@ import numpy as np
 import numpy.typing as npt
 
 from fedjob.chunking import State, TensorInfo
+from fedjob.codec import F32
+from fedjob.spec import AggregationSpec
 
 F64 = npt.NDArray[np.float64]
 
@@ -61,7 +63,9 @@ class Strategy(ABC):
 
     The aggregator calls `weight` once per accepted update header, folds
     `weight * delta` chunk by chunk, and at the end of the round calls `apply`
-    with the current global model and the finished sum.
+    with the current global model and the finished sum. A strategy with memory
+    across rounds (server optimiser moments) exposes it through `state` /
+    `load_state`, and the aggregator checkpoints it with the model.
     """
 
     name: str
@@ -71,6 +75,17 @@ class Strategy(ABC):
 
     @abstractmethod
     def apply(self, global_state: State, total: RunningSum, round_number: int) -> State: ...
+
+    def state(self) -> dict[str, F32]:
+        return {}
+
+    def load_state(self, state: dict[str, F32]) -> None:
+        if state:
+            raise ValueError(f"{self.name} keeps no state, got {sorted(state)[:3]}")
+
+
+def _add(global_state: State, step: dict[str, F64]) -> State:
+    return {n: (global_state[n].astype(np.float64) + step[n]).astype(np.float32) for n in global_state}
 
 
 class FedAvg(Strategy):
@@ -82,15 +97,107 @@ class FedAvg(Strategy):
         return float(max(meta.num_samples, 1))
 
     def apply(self, global_state: State, total: RunningSum, round_number: int) -> State:
-        mean = total.weighted_mean()
-        return {n: (global_state[n].astype(np.float64) + mean[n]).astype(np.float32) for n in global_state}
+        return _add(global_state, total.weighted_mean())
 
 
-STRATEGIES: dict[str, type[Strategy]] = {"fedavg": FedAvg}
+class FedProx(FedAvg):
+    """Li et al. 2020: FedAvg on the server; the proximal term mu/2 ||w - w_global||^2 is in each silo's loss."""
+
+    name = "fedprox"
 
 
-def make_strategy(name: str) -> Strategy:
-    try:
-        return STRATEGIES[name]()
-    except KeyError:
-        raise ValueError(f"unknown aggregation algorithm {name!r}; known: {sorted(STRATEGIES)}") from None
+class FedNova(Strategy):
+    """Wang et al. 2020: each delta normalised by its silo's local steps, rescaled by the mean step count.
+
+    w <- w + tau_eff * sum_i p_i d_i / tau_i, with p_i = n_i / n and tau_eff = sum_i p_i tau_i,
+    so silos that ran more steps do not pull the model further just for that.
+    """
+
+    name = "fednova"
+
+    def weight(self, meta: UpdateMeta) -> float:
+        return float(max(meta.num_samples, 1)) / max(meta.local_steps, 1)
+
+    def apply(self, global_state: State, total: RunningSum, round_number: int) -> State:
+        n = sum(max(m.num_samples, 1) for m in total.contributors)
+        tau_eff = sum(max(m.num_samples, 1) * max(m.local_steps, 1) for m in total.contributors) / n
+        raw = total.weighted_mean()  # sum_i (n_i / tau_i) d_i / sum_i (n_i / tau_i)
+        scale = total.total_weight / n * tau_eff
+        return _add(global_state, {k: v * scale for k, v in raw.items()})
+
+
+class ServerOptimizer(Strategy):
+    """Reddi et al. 2021 (FedOpt): the FedAvg mean delta is a pseudo-gradient for an adaptive server step.
+
+    m <- b1 m + (1 - b1) D;  v <- (per optimiser);  w <- w + lr m / (sqrt(v) + tau)
+    """
+
+    def __init__(self, lr: float, beta1: float, beta2: float, tau: float) -> None:
+        self.lr, self.beta1, self.beta2, self.tau = lr, beta1, beta2, tau
+        self.m: dict[str, F64] = {}
+        self.v: dict[str, F64] = {}
+
+    def weight(self, meta: UpdateMeta) -> float:
+        return float(max(meta.num_samples, 1))
+
+    @abstractmethod
+    def second_moment(self, v: F64, d: F64) -> F64: ...
+
+    def apply(self, global_state: State, total: RunningSum, round_number: int) -> State:
+        delta = total.weighted_mean()
+        step = {}
+        for k, d in delta.items():
+            m = self.m.get(k, np.zeros_like(d))
+            v = self.v.get(k, np.full_like(d, self.tau**2))
+            self.m[k] = self.beta1 * m + (1 - self.beta1) * d
+            self.v[k] = self.second_moment(v, d)
+            step[k] = self.lr * self.m[k] / (np.sqrt(self.v[k]) + self.tau)
+        return _add(global_state, step)
+
+    def state(self) -> dict[str, F32]:
+        out: dict[str, F32] = {}
+        for k in self.m:
+            out[f"m/{k}"] = self.m[k].astype(np.float32)
+            out[f"v/{k}"] = self.v[k].astype(np.float32)
+        return out
+
+    def load_state(self, state: dict[str, F32]) -> None:
+        self.m = {k[2:]: v.astype(np.float64) for k, v in state.items() if k.startswith("m/")}
+        self.v = {k[2:]: v.astype(np.float64) for k, v in state.items() if k.startswith("v/")}
+
+
+class FedAdam(ServerOptimizer):
+    name = "fedadam"
+
+    def second_moment(self, v: F64, d: F64) -> F64:
+        out: F64 = self.beta2 * v + (1 - self.beta2) * d * d
+        return out
+
+
+class FedYogi(ServerOptimizer):
+    name = "fedyogi"
+
+    def second_moment(self, v: F64, d: F64) -> F64:
+        d2 = d * d
+        out: F64 = v - (1 - self.beta2) * d2 * np.sign(v - d2)
+        return out
+
+
+class FedAdagrad(ServerOptimizer):
+    name = "fedadagrad"
+
+    def second_moment(self, v: F64, d: F64) -> F64:
+        out: F64 = v + d * d
+        return out
+
+
+def make_strategy(aggregation: AggregationSpec) -> Strategy:
+    """The strategy a job's `spec.aggregation` names, with its parameters."""
+    a = aggregation
+    simple: dict[str, type[Strategy]] = {"fedavg": FedAvg, "fedprox": FedProx, "fednova": FedNova}
+    if a.algorithm in simple:
+        return simple[a.algorithm]()
+    optimisers: dict[str, type[ServerOptimizer]] = {"fedadam": FedAdam, "fedyogi": FedYogi, "fedadagrad": FedAdagrad}
+    if a.algorithm in optimisers:
+        return optimisers[a.algorithm](a.server_learning_rate, a.beta1, a.beta2, a.tau)
+    raise ValueError(f"unknown aggregation algorithm {a.algorithm!r}")

@@ -25,6 +25,10 @@ class Checkpoint:
     state: State
     history: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    strategy_state: State = field(default_factory=dict)  # e.g. server optimiser moments
+
+
+STRATEGY_PREFIX = "__strategy__/"
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -57,7 +61,8 @@ class CheckpointStore:
         name = f"global-{ckpt.round:06d}.npz"
         tmp = self.dir / f".{name}.tmp-{os.getpid()}"
         with open(tmp, "wb") as f:
-            np.savez(f, **ckpt.state)  # type: ignore[arg-type]
+            arrays = {**ckpt.state, **{STRATEGY_PREFIX + k: v for k, v in ckpt.strategy_state.items()}}
+            np.savez(f, **arrays)  # type: ignore[arg-type]
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.dir / name)
@@ -72,5 +77,9 @@ class CheckpointStore:
             return None
         index = json.loads(self.index.read_text())
         with np.load(self.dir / index["file"]) as z:
-            state = {k: z[k].astype(np.float32) for k in z.files}
-        return Checkpoint(int(index["round"]), state, list(index["history"]), dict(index.get("extra", {})))
+            arrays = {k: z[k].astype(np.float32) for k in z.files}
+        state = {k: v for k, v in arrays.items() if not k.startswith(STRATEGY_PREFIX)}
+        strategy = {k[len(STRATEGY_PREFIX) :]: v for k, v in arrays.items() if k.startswith(STRATEGY_PREFIX)}
+        return Checkpoint(
+            int(index["round"]), state, list(index["history"]), dict(index.get("extra", {})), strategy
+        )

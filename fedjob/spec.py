@@ -36,7 +36,7 @@ PATTERN_RULES = {
 
 TrainingMode = Literal["pretrain", "full", "lora"]
 Codec = Literal["none", "fp16", "bf16", "int8"]
-Algorithm = Literal["fedavg"]
+Algorithm = Literal["fedavg", "fedprox", "fednova", "fedadam", "fedyogi", "fedadagrad"]
 
 
 class _Spec(BaseModel):
@@ -162,6 +162,11 @@ class AggregationSpec(_Spec):
     algorithm: Algorithm = "fedavg"
     min_silos: int = Field(1, ge=1)
     round_deadline_seconds: float = Field(600.0, gt=0, le=7 * 24 * 3600)
+    proximal_mu: float = Field(0.01, ge=0, description="fedprox: weight of the proximal term in the silos' loss.")
+    server_learning_rate: float = Field(0.01, gt=0, description="fedadam, fedyogi, fedadagrad.")
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.99, ge=0, lt=1)
+    tau: float = Field(1e-3, gt=0, description="Adaptivity: the optimisers' epsilon.")
 
 
 class CompressionSpec(_Spec):
@@ -205,6 +210,11 @@ class JobSpec(_Spec):
             raise ValueError(f"silos: names must be unique, repeated: {', '.join(dupes)}")
         if self.aggregation.min_silos > len(self.silos):
             raise ValueError(f"aggregation.minSilos: must be at most the number of silos ({len(self.silos)})")
+        if self.aggregation.algorithm == "fedprox" and self.training.deepspeed.zero_stage == 3:
+            raise ValueError(
+                "aggregation.algorithm: fedprox needs training.deepspeed.zeroStage 0-2 "
+                "(its proximal term reads whole parameters, which ZeRO-3 partitions)"
+            )
         if self.training.mode in ("full", "lora") and self.model.path is None:
             raise ValueError(
                 f"model.path: training mode {self.training.mode!r} starts from a pretrained model"

@@ -137,6 +137,7 @@ class Coordinator:
             raise RuntimeError(f"checkpoint in {self.store.dir} does not belong to this job's model")
         self.completed = ckpt.round
         self.global_state = {n: ckpt.state[n] for n in self.manifest}
+        self.strategy.load_state(ckpt.strategy_state)
         self.history = ckpt.history
         self._rewrite_metrics()
         self.current: RoundState | None = None
@@ -232,7 +233,7 @@ class Coordinator:
             "aggregation_seconds": round(time.time() - started, 3),
         }
         self.history.append(record)
-        self.store.save(Checkpoint(rnd.number, new_state, self.history))
+        self.store.save(Checkpoint(rnd.number, new_state, self.history, strategy_state=self.strategy.state()))
         self.global_state = new_state
         self.completed = rnd.number
         self.current = None

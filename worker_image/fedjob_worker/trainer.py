@@ -102,14 +102,23 @@ class LocalTrainer:
         # Different windows on every rank, silo and round, reproducible from the job's seed.
         rng = np.random.default_rng([t.seed, round_number, self.rank, *self.silo.encode()])
         losses = []
+        agg = self.job.spec.aggregation
+        anchor = None
+        if agg.algorithm == "fedprox" and agg.proximal_mu > 0:
+            # FedProx: mu/2 ||w - w_global||^2 keeps each silo near the global model.
+            anchor = [(p, torch.from_numpy(global_state[n]).to(engine.device))
+                      for n, p in modeling.trainable_parameters(engine.module)]
         for _ in range(t.local_steps):
             batch = torch.from_numpy(self.corpus.random_batch(rng, t.batch_size, t.sequence_length)).to(
                 engine.device
             )
             loss = engine(input_ids=batch, labels=batch).loss
+            losses.append(float(loss.detach()))  # the data loss, comparable across algorithms
+            if anchor is not None:
+                prox = sum(((p.float() - g) ** 2).sum() for p, g in anchor)
+                loss = loss + 0.5 * agg.proximal_mu * prox
             engine.backward(loss)
             engine.step()
-            losses.append(float(loss.detach()))
         mean = torch.tensor([float(np.mean(losses))], dtype=torch.float64)
         dist.all_reduce(mean)
         state = self._gather_state(engine)
