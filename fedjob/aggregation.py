@@ -101,7 +101,7 @@ class FedAvg(Strategy):
 
 
 class FedProx(FedAvg):
-    """Li et al. 2020: FedAvg on the server; the proximal term mu/2 ||w - w_global||^2 is in each silo's loss."""
+    """Li et al. 2020: FedAvg on the server; the silos add mu/2 ||w - w_global||^2 to their loss."""
 
     name = "fedprox"
 
@@ -197,7 +197,11 @@ def make_strategy(aggregation: AggregationSpec) -> Strategy:
     simple: dict[str, type[Strategy]] = {"fedavg": FedAvg, "fedprox": FedProx, "fednova": FedNova}
     if a.algorithm in simple:
         return simple[a.algorithm]()
-    optimisers: dict[str, type[ServerOptimizer]] = {"fedadam": FedAdam, "fedyogi": FedYogi, "fedadagrad": FedAdagrad}
+    optimisers: dict[str, type[ServerOptimizer]] = {
+        "fedadam": FedAdam,
+        "fedyogi": FedYogi,
+        "fedadagrad": FedAdagrad,
+    }
     if a.algorithm in optimisers:
         return optimisers[a.algorithm](a.server_learning_rate, a.beta1, a.beta2, a.tau)
     raise ValueError(f"unknown aggregation algorithm {a.algorithm!r}")

@@ -162,7 +162,9 @@ class AggregationSpec(_Spec):
     algorithm: Algorithm = "fedavg"
     min_silos: int = Field(1, ge=1)
     round_deadline_seconds: float = Field(600.0, gt=0, le=7 * 24 * 3600)
-    proximal_mu: float = Field(0.01, ge=0, description="fedprox: weight of the proximal term in the silos' loss.")
+    proximal_mu: float = Field(
+        0.01, ge=0, description="fedprox: weight of the proximal term in the silos' loss."
+    )
     server_learning_rate: float = Field(0.01, gt=0, description="fedadam, fedyogi, fedadagrad.")
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.99, ge=0, lt=1)

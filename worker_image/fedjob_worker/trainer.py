@@ -106,8 +106,10 @@ class LocalTrainer:
         anchor = None
         if agg.algorithm == "fedprox" and agg.proximal_mu > 0:
             # FedProx: mu/2 ||w - w_global||^2 keeps each silo near the global model.
-            anchor = [(p, torch.from_numpy(global_state[n]).to(engine.device))
-                      for n, p in modeling.trainable_parameters(engine.module)]
+            anchor = [
+                (p, torch.from_numpy(global_state[n]).to(engine.device))
+                for n, p in modeling.trainable_parameters(engine.module)
+            ]
         for _ in range(t.local_steps):
             batch = torch.from_numpy(self.corpus.random_batch(rng, t.batch_size, t.sequence_length)).to(
                 engine.device
