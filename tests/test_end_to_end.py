@@ -134,3 +134,31 @@ def test_full_weights_with_zero3_and_a_two_process_silo_write_a_model(assets: Pa
         for a, b in zip(trained.parameters(), base.parameters(), strict=True)
     ]
     assert all(moved), "ZeRO-3 must gather every partitioned parameter before the update is computed"
+
+
+@pytest.mark.parametrize("algorithm", ["fedprox", "fednova", "fedadam"])
+def test_other_strategies_train_for_real(assets: Path, tmp_path: Path, algorithm: str) -> None:
+    spec = {
+        "model": {"path": str(assets / "model")},
+        "training": {
+            "mode": "lora",
+            "localSteps": 10,
+            "batchSize": 4,
+            "sequenceLength": 32,
+            "learningRate": 0.01,
+            "lora": {"r": 4},
+            "deepspeed": {"zeroStage": 1},
+        },
+        "silos": [
+            {"name": "code", "data": {"path": str(assets / "data/code")}},
+            {"name": "docs", "data": {"path": str(assets / "data/docs")}},
+        ],
+        "eval": {"path": str(assets / "data/eval"), "batches": 2},
+        "rounds": 3,
+        "aggregation": {"algorithm": algorithm, "minSilos": 2, "proximalMu": 0.1, "serverLearningRate": 0.01},
+    }
+    proc, out = run_job(assets, tmp_path, spec)
+    assert proc.returncode == 0, proc.stdout[-3000:] + logs(out)
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert rounds[-1]["eval_loss"] < rounds[0]["eval_loss"]
