@@ -127,15 +127,20 @@ def _reconcile(body: Any, patch: kopf.Patch) -> None:
 
 
 def _announce(r: JobReconciler, old: dict[str, Any], new: dict[str, Any]) -> None:
-    if new["round"] > int(old.get("round", 0)) and "lastRound" in new:
-        lr = new["lastRound"]
-        ev = "" if lr.get("evalLoss") is None else f", eval loss {lr['evalLoss']}"
-        r.emit(
-            "Normal",
-            "RoundCompleted",
-            f"round {new['progress']}: train loss {lr['trainLoss']}{ev}, "
-            f"{lr['participants']} silos, {lr['bytesUp']} bytes up, {lr['seconds']} s",
-        )
+    # One event per sync that saw progress: it names every round that ended since the
+    # previous sync ("rounds 1-2/3") and carries the last round's figures.
+    first, last = int(old.get("round", 0)) + 1, new["round"]
+    if last >= first:
+        span = f"round {last}" if first == last else f"rounds {first}-{last}"
+        lr = new.get("lastRound", {})
+        detail = ""
+        if lr:
+            ev = "" if lr.get("evalLoss") is None else f", eval loss {lr['evalLoss']}"
+            detail = (
+                f": train loss {lr['trainLoss']}{ev}, {lr['participants']} silos, "
+                f"{lr['bytesUp']} bytes up, {lr['seconds']} s"
+            )
+        r.emit("Normal", "RoundCompleted", f"{span}/{new['totalRounds']}{detail}")
     for silo in set(new.get("lostSilos", [])) - set(old.get("lostSilos", [])):
         r.emit(
             "Warning",
