@@ -51,6 +51,18 @@ def ones_like(state, value: float = 1.0):  # type: ignore[no-untyped-def]
     return {k: np.full(v.shape, value, np.float32) for k, v in state.items()}
 
 
+def wait_for_round_close(agg: LiveAggregator, number: int = 1) -> None:
+    deadline = time.time() + 10
+    while agg.coord.completed < number:
+        assert time.time() < deadline, f"round {number} did not close"
+        time.sleep(0.05)
+
+
+def assert_global_moved_by(agg: LiveAggregator, state, step: float) -> None:  # type: ignore[no-untyped-def]
+    for k, v in state.items():
+        np.testing.assert_allclose(agg.coord.global_state[k], v + step, atol=1e-5)
+
+
 def refused(call) -> grpc.RpcError:  # type: ignore[no-untyped-def]
     with pytest.raises(grpc.RpcError) as info:
         call()
@@ -68,9 +80,7 @@ def test_a_round_collects_both_silos_and_applies_fedavg(live_aggregator: LiveAgg
         assert all(len(c.payload) <= CHUNK for c in got)
         receipt = stub.UploadUpdate(messages(agg, ones_like(small_state, value)))
         assert receipt.accepted
-    deadline = time.time() + 10
-    while agg.coord.completed < 1 and time.time() < deadline:
-        time.sleep(0.05)
+    wait_for_round_close(agg)
     assert agg.coord.completed == 1
     # Equal sample counts: the mean delta is 2.0 everywhere (int8 of a constant is exact).
     for k, v in small_state.items():
@@ -176,11 +186,8 @@ def test_bad_updates_get_a_precise_status_and_the_round_goes_on(
     # The honest silo is unaffected, and the refused one may still deliver a good update.
     assert agg.stub("silo-beta").UploadUpdate(messages(agg, ones_like(small_state, 1.0))).accepted
     assert bad.UploadUpdate(messages(agg, ones_like(small_state, 3.0))).accepted
-    deadline = time.time() + 10
-    while agg.coord.completed < 1 and time.time() < deadline:
-        time.sleep(0.05)
-    for k, v in small_state.items():
-        np.testing.assert_allclose(agg.coord.global_state[k], v + 2.0, atol=1e-5)
+    wait_for_round_close(agg)
+    assert_global_moved_by(agg, small_state, 2.0)
 
 
 def test_non_finite_values_are_refused(live_aggregator: LiveAggregator, small_state) -> None:  # type: ignore[no-untyped-def]
@@ -215,11 +222,8 @@ def test_an_interrupted_upload_resumes_where_it_stopped(live_aggregator: LiveAgg
     resumed.resume_from = held
     assert stub.UploadUpdate(messages(agg, None, hdr=resumed, chunks=chunks[2:])).accepted
     assert agg.stub("silo-beta").UploadUpdate(messages(agg, ones_like(small_state, 0.0))).accepted
-    deadline = time.time() + 10
-    while agg.coord.completed < 1 and time.time() < deadline:
-        time.sleep(0.05)
-    for k, v in small_state.items():
-        np.testing.assert_allclose(agg.coord.global_state[k], v + 2.0, atol=1e-5)
+    wait_for_round_close(agg)
+    assert_global_moved_by(agg, small_state, 2.0)
 
 
 def test_a_partial_upload_that_is_replaced_leaves_no_trace(
@@ -231,20 +235,15 @@ def test_a_partial_upload_that_is_replaced_leaves_no_trace(
     refused(lambda: stub.UploadUpdate(messages(agg, None, chunks=poison[:3], trailer=False)))
     assert stub.UploadUpdate(messages(agg, ones_like(small_state, 2.0))).accepted
     assert agg.stub("silo-beta").UploadUpdate(messages(agg, ones_like(small_state, 2.0))).accepted
-    deadline = time.time() + 10
-    while agg.coord.completed < 1 and time.time() < deadline:
-        time.sleep(0.05)
-    for k, v in small_state.items():
-        np.testing.assert_allclose(agg.coord.global_state[k], v + 2.0, atol=1e-5)
+    wait_for_round_close(agg)
+    assert_global_moved_by(agg, small_state, 2.0)
 
 
 def test_stale_rounds_are_refused_after_a_round_closes(live_aggregator: LiveAggregator, small_state) -> None:  # type: ignore[no-untyped-def]
     agg = live_aggregator
     for silo in ("alpha", "beta"):
         assert agg.stub(f"silo-{silo}").UploadUpdate(messages(agg, ones_like(small_state))).accepted
-    deadline = time.time() + 10
-    while agg.coord.completed < 1 and time.time() < deadline:
-        time.sleep(0.05)
+    wait_for_round_close(agg)
     err = refused(
         lambda: agg.stub("silo-alpha").UploadUpdate(messages(agg, ones_like(small_state), hdr=header(agg, 1)))
     )
