@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from fedjob.chunking import State
-from fedjob.spec import FederatedJob
+from fedjob.spec import PEFT_MODES, FederatedJob
 
 # transformers/peft/torch are heavy: import them where used, so that `fedjob
 # validate` and the operator start in well under a second.
@@ -73,7 +73,34 @@ def build_model(job: FederatedJob) -> Any:
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, config)
+    elif mode in ("prefix", "prompt", "adapter"):
+        from peft import IA3Config, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+
+        t = job.spec.training
+        seed_everything(t.seed)
+        peft_config: Any
+        if mode == "prefix":
+            peft_config = PrefixTuningConfig(
+                task_type="CAUSAL_LM", num_virtual_tokens=t.prompt.num_virtual_tokens
+            )
+        elif mode == "prompt":
+            peft_config = PromptTuningConfig(
+                task_type="CAUSAL_LM", num_virtual_tokens=t.prompt.num_virtual_tokens
+            )
+        else:
+            peft_config = IA3Config(
+                task_type="CAUSAL_LM",
+                target_modules=t.adapter.target_modules,
+                feedforward_modules=t.adapter.feedforward_modules,
+                fan_in_fan_out=_uses_conv1d(model, t.adapter.target_modules),
+            )
+        model = get_peft_model(model, peft_config)
     return model
+
+
+def result_folder(job: FederatedJob) -> str:
+    """Where the trained artefact goes: a PEFT adapter folder or a Hugging Face model folder."""
+    return "adapter" if job.spec.training.mode in PEFT_MODES else "model"
 
 
 def trainable_parameters(model: Any) -> list[tuple[str, Any]]:
@@ -116,7 +143,7 @@ def save_result(job: FederatedJob, state: State, out: Path) -> Path:
     """Write the trained artefact: a PEFT adapter folder (lora) or a Hugging Face model folder."""
     model = build_model(job)
     set_state(model, state)
-    target = out / ("adapter" if job.spec.training.mode == "lora" else "model")
+    target = out / result_folder(job)
     model.save_pretrained(target)
     return target
 

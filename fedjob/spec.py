@@ -34,7 +34,8 @@ PATTERN_RULES = {
     ABSOLUTE_PATH: "must be an absolute path",
 }
 
-TrainingMode = Literal["pretrain", "full", "lora"]
+TrainingMode = Literal["pretrain", "full", "lora", "prefix", "prompt", "adapter"]
+PEFT_MODES = ("lora", "prefix", "prompt", "adapter")
 Codec = Literal["none", "fp16", "bf16", "int8"]
 Algorithm = Literal["fedavg", "fedprox", "fednova", "fedadam", "fedyogi", "fedadagrad"]
 
@@ -100,6 +101,21 @@ class LoraSpec(_Spec):
     )
 
 
+class PromptSpec(_Spec):
+    """prefix / prompt tuning: the learned virtual tokens."""
+
+    num_virtual_tokens: int = Field(8, ge=1, le=1024)
+
+
+class AdapterSpec(_Spec):
+    """adapter mode: PEFT's (IA)^3 rescaling vectors on these modules."""
+
+    target_modules: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=lambda: ["c_attn", "c_fc"], min_length=1
+    )
+    feedforward_modules: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=lambda: ["c_fc"])
+
+
 class DeepSpeedSpec(_Spec):
     zero_stage: int = Field(2, ge=0, le=3)
     bf16: bool = False
@@ -125,6 +141,8 @@ class TrainingSpec(_Spec):
     weight_decay: float = Field(0.0, ge=0)
     seed: int = Field(0, ge=0)
     lora: LoraSpec = Field(default_factory=LoraSpec)
+    prompt: PromptSpec = Field(default_factory=PromptSpec)
+    adapter: AdapterSpec = Field(default_factory=AdapterSpec)
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
 
 
@@ -217,7 +235,7 @@ class JobSpec(_Spec):
                 "aggregation.algorithm: fedprox needs training.deepspeed.zeroStage 0-2 "
                 "(its proximal term reads whole parameters, which ZeRO-3 partitions)"
             )
-        if self.training.mode in ("full", "lora") and self.model.path is None:
+        if self.training.mode != "pretrain" and self.model.path is None:
             raise ValueError(
                 f"model.path: training mode {self.training.mode!r} starts from a pretrained model"
             )

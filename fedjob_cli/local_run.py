@@ -25,6 +25,7 @@ from rich.live import Live
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 
+from fedjob.modeling import result_folder
 from fedjob.spec import FederatedJob
 from fedjob.tls import write_job_certs
 from fedjob.v1 import fedjob_pb2 as pb
@@ -308,7 +309,7 @@ class LocalRun:
             )
         self.console.print(table)
         done = len(history) >= self.job.spec.rounds
-        result = self.out / ("adapter" if self.job.spec.training.mode == "lora" else "model")
+        result = self.out / result_folder(self.job)
         elapsed = time.time() - started
         if done and result.exists():
             self.console.print(

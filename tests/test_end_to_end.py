@@ -162,3 +162,49 @@ def test_other_strategies_train_for_real(assets: Path, tmp_path: Path, algorithm
     rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2, 3]
     assert rounds[-1]["eval_loss"] < rounds[0]["eval_loss"]
+
+
+@pytest.mark.parametrize("mode", ["prefix", "prompt", "adapter"])
+def test_prompt_and_adapter_modes_train_and_load_back(assets: Path, tmp_path: Path, mode: str) -> None:
+    spec = {
+        "model": {"path": str(assets / "model")},
+        "training": {
+            "mode": mode,
+            "localSteps": 10,
+            "batchSize": 4,
+            "sequenceLength": 32,
+            "learningRate": 0.03,
+            "prompt": {"numVirtualTokens": 4},
+            "deepspeed": {"zeroStage": 2},
+        },
+        "silos": [
+            {"name": "code", "data": {"path": str(assets / "data/code")}},
+            {"name": "docs", "data": {"path": str(assets / "data/docs")}},
+        ],
+        "rounds": 2,
+        "aggregation": {"minSilos": 2},
+        "compression": {"codec": "fp16", "zstd": True},
+    }
+    proc, out = run_job(assets, tmp_path, spec)
+    assert proc.returncode == 0, proc.stdout[-3000:] + logs(out)
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2]
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(assets / "model"), out / "adapter")
+    final = np.load(sorted((out / "checkpoints").glob("global-*.npz"))[-1])
+    # Only the method's own parameters travelled: a few thousand numbers, not the model.
+    assert sum(final[k].size for k in final.files) < 10_000
+    trained = dict(model.named_parameters())
+    assert set(final.files) <= set(trained), sorted(set(final.files) - set(trained))[:3]
+    for name in final.files:
+        np.testing.assert_allclose(trained[name].detach().numpy(), final[name], atol=1e-6)
+    # Trained for real: every transmitted tensor moved away from its initial value.
+    from fedjob.modeling import build_model, get_state
+    from fedjob.spec import load_job
+
+    initial = get_state(build_model(load_job(tmp_path / "job.yaml")))
+    assert set(initial) == set(final.files)
+    assert all(not np.allclose(initial[n], final[n]) for n in final.files)

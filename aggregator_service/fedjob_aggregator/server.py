@@ -67,7 +67,7 @@ class _ModelHooks:
 
     def finalize(self, state: State) -> None:
         modeling.set_state(self.model, state)
-        target = self.workdir / ("adapter" if self.job.spec.training.mode == "lora" else "model")
+        target = self.workdir / modeling.result_folder(self.job)
         self.model.save_pretrained(target)
         log.info("wrote the trained result to %s", target)
 
