@@ -73,6 +73,11 @@ def build_model(job: FederatedJob) -> Any:
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, config)
+        if lora.freeze_a:
+            # FFA-LoRA (Sun et al. 2024): with A fixed and shared, mean(B_i) A == mean(B_i A).
+            for name, param in model.named_parameters():
+                if "lora_A" in name:
+                    param.requires_grad_(False)
     elif mode in ("prefix", "prompt", "adapter"):
         from peft import IA3Config, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 

@@ -99,6 +99,11 @@ class LoraSpec(_Spec):
     target_modules: list[Annotated[str, Field(min_length=1)]] = Field(
         default_factory=lambda: ["c_attn"], min_length=1
     )
+    freeze_a: bool = Field(
+        False,
+        description="FFA-LoRA: keep A at its shared initial value and train only B, so averaging "
+        "the silos' B is exactly averaging their updates B*A (and half the traffic).",
+    )
 
 
 class PromptSpec(_Spec):
