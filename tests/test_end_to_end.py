@@ -136,27 +136,29 @@ def test_full_weights_with_zero3_and_a_two_process_silo_write_a_model(assets: Pa
     assert all(moved), "ZeRO-3 must gather every partitioned parameter before the update is computed"
 
 
-@pytest.mark.parametrize("algorithm", ["fedprox", "fednova", "fedadam"])
-def test_other_strategies_train_for_real(assets: Path, tmp_path: Path, algorithm: str) -> None:
-    spec = {
+def two_silo_spec(assets: Path, training: dict[str, Any], **spec: Any) -> dict[str, Any]:
+    """A small LoRA-style job on the `code` and `docs` silos; keyword arguments override spec fields."""
+    return {
         "model": {"path": str(assets / "model")},
-        "training": {
-            "mode": "lora",
-            "localSteps": 10,
-            "batchSize": 4,
-            "sequenceLength": 32,
-            "learningRate": 0.01,
-            "lora": {"r": 4},
-            "deepspeed": {"zeroStage": 1},
-        },
+        "training": {"localSteps": 10, "batchSize": 4, "sequenceLength": 32, **training},
         "silos": [
             {"name": "code", "data": {"path": str(assets / "data/code")}},
             {"name": "docs", "data": {"path": str(assets / "data/docs")}},
         ],
-        "eval": {"path": str(assets / "data/eval"), "batches": 2},
-        "rounds": 3,
-        "aggregation": {"algorithm": algorithm, "minSilos": 2, "proximalMu": 0.1, "serverLearningRate": 0.01},
+        "aggregation": {"minSilos": 2},
+        **spec,
     }
+
+
+@pytest.mark.parametrize("algorithm", ["fedprox", "fednova", "fedadam"])
+def test_other_strategies_train_for_real(assets: Path, tmp_path: Path, algorithm: str) -> None:
+    spec = two_silo_spec(
+        assets,
+        {"mode": "lora", "learningRate": 0.01, "lora": {"r": 4}, "deepspeed": {"zeroStage": 1}},
+        eval={"path": str(assets / "data/eval"), "batches": 2},
+        rounds=3,
+        aggregation={"algorithm": algorithm, "minSilos": 2, "proximalMu": 0.1, "serverLearningRate": 0.01},
+    )
     proc, out = run_job(assets, tmp_path, spec)
     assert proc.returncode == 0, proc.stdout[-3000:] + logs(out)
     rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -166,25 +168,17 @@ def test_other_strategies_train_for_real(assets: Path, tmp_path: Path, algorithm
 
 @pytest.mark.parametrize("mode", ["prefix", "prompt", "adapter"])
 def test_prompt_and_adapter_modes_train_and_load_back(assets: Path, tmp_path: Path, mode: str) -> None:
-    spec = {
-        "model": {"path": str(assets / "model")},
-        "training": {
+    spec = two_silo_spec(
+        assets,
+        {
             "mode": mode,
-            "localSteps": 10,
-            "batchSize": 4,
-            "sequenceLength": 32,
             "learningRate": 0.03,
             "prompt": {"numVirtualTokens": 4},
             "deepspeed": {"zeroStage": 2},
         },
-        "silos": [
-            {"name": "code", "data": {"path": str(assets / "data/code")}},
-            {"name": "docs", "data": {"path": str(assets / "data/docs")}},
-        ],
-        "rounds": 2,
-        "aggregation": {"minSilos": 2},
-        "compression": {"codec": "fp16", "zstd": True},
-    }
+        rounds=2,
+        compression={"codec": "fp16", "zstd": True},
+    )
     proc, out = run_job(assets, tmp_path, spec)
     assert proc.returncode == 0, proc.stdout[-3000:] + logs(out)
     rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
