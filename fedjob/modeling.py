@@ -144,15 +144,6 @@ def mean_loss(model: Any, batches: list[Any]) -> float:
     return total / max(len(batches), 1)
 
 
-def save_result(job: FederatedJob, state: State, out: Path) -> Path:
-    """Write the trained artefact: a PEFT adapter folder (lora) or a Hugging Face model folder."""
-    model = build_model(job)
-    set_state(model, state)
-    target = out / result_folder(job)
-    model.save_pretrained(target)
-    return target
-
-
 def build_tiny_model(
     out: Path,
     seed: int = 0,

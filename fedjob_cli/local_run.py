@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import grpc
+from fedjob_worker.runner import free_port
 from rich.console import Console, Group
 from rich.live import Live
 from rich.progress_bar import ProgressBar
@@ -32,14 +33,6 @@ from fedjob.v1 import fedjob_pb2 as pb
 from fedjob.v1 import fedjob_pb2_grpc as pb_grpc
 
 DEFAULT_MAX_RESTARTS = 10
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -82,7 +75,7 @@ class LocalRun:
     console: Console = field(default_factory=Console)
 
     def __post_init__(self) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.certs = write_job_certs(self.out / "certs", self.job.name, self.job.silo_names())
         (self.out / "logs").mkdir(parents=True, exist_ok=True)
         base = [sys.executable, "-m", "fedjob_cli.main"]

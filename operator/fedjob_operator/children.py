@@ -125,6 +125,23 @@ def _tls_volume(secret: str, who: str) -> dict[str, Any]:
     }
 
 
+def _shared_volumes(job: str, tls_secret: str, who: str) -> list[dict[str, Any]]:
+    """What every pod of a job mounts: the job document, its own certificate, a writable /tmp."""
+    return [
+        {"name": "job", "configMap": {"name": names(job)["config"]}},
+        _tls_volume(tls_secret, who),
+        {"name": "tmp", "emptyDir": {}},
+    ]
+
+
+def _shared_mounts() -> list[dict[str, Any]]:
+    return [
+        {"name": "job", "mountPath": JOB_MOUNT, "readOnly": True},
+        {"name": "tls", "mountPath": TLS_MOUNT, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+
+
 def _volume_source(v: VolumeSpec) -> dict[str, Any]:
     if v.persistent_volume_claim is not None:
         return {
@@ -245,10 +262,8 @@ def aggregator_deployment(
         "resources": _resources(job.spec.aggregator.resources),
         "securityContext": _security(),
         "volumeMounts": [
-            {"name": "job", "mountPath": JOB_MOUNT, "readOnly": True},
-            {"name": "tls", "mountPath": TLS_MOUNT, "readOnly": True},
+            *_shared_mounts(),
             {"name": "state", "mountPath": STATE_MOUNT},
-            {"name": "tmp", "mountPath": "/tmp"},
             *mounts,
         ],
     }
@@ -273,10 +288,8 @@ def aggregator_deployment(
                     "automountServiceAccountToken": False,
                     "containers": [container],
                     "volumes": [
-                        {"name": "job", "configMap": {"name": n["config"]}},
-                        _tls_volume(n["aggregator_tls"], "aggregator"),
+                        *_shared_volumes(job.name, n["aggregator_tls"], "aggregator"),
                         {"name": "state", "persistentVolumeClaim": {"claimName": n["state"]}},
-                        {"name": "tmp", "emptyDir": {}},
                         *volumes,
                     ],
                 },
@@ -325,9 +338,7 @@ def silo_job(job: FederatedJob, silo: str, namespace: str, images: Images) -> di
         "resources": _resources(s.resources),
         "securityContext": _security(),
         "volumeMounts": [
-            {"name": "job", "mountPath": JOB_MOUNT, "readOnly": True},
-            {"name": "tls", "mountPath": TLS_MOUNT, "readOnly": True},
-            {"name": "tmp", "mountPath": "/tmp"},
+            *_shared_mounts(),
             # torch.distributed's shared-memory transport between the silo's processes.
             {"name": "shm", "mountPath": "/dev/shm"},
             *mounts,
@@ -339,9 +350,7 @@ def silo_job(job: FederatedJob, silo: str, namespace: str, images: Images) -> di
         "automountServiceAccountToken": False,
         "containers": [container],
         "volumes": [
-            {"name": "job", "configMap": {"name": n["config"]}},
-            _tls_volume(silo_tls_name(job.name, silo), f"silo-{silo}"),
-            {"name": "tmp", "emptyDir": {}},
+            *_shared_volumes(job.name, silo_tls_name(job.name, silo), f"silo-{silo}"),
             {"name": "shm", "emptyDir": {"medium": "Memory"}},
             *volumes,
         ],
