@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -59,6 +60,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def wait_ready(port: int, prom: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    """Prometheus answers 503 until its TSDB has opened: wait for /-/ready, not for the port."""
+    end = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        assert prom.poll() is None, "prometheus exited during start-up"
+        assert time.time() < end, f"prometheus was not ready within {timeout} s"
+        time.sleep(0.2)
 
 
 def api(port: int, path: str, **params: Any) -> Any:
@@ -139,6 +155,7 @@ def test_every_dashboard_and_alert_query_returns_data_from_a_real_scrape(
         queries = dashboard_queries() + [
             COMPARISON.sub("", r["expr"]) for g in rendered_rules(tools)["groups"] for r in g["rules"]
         ]
+        wait_ready(prom_port, prom)
         end = time.time() + 240
         ready = "fedjob_round >= 2 and count_over_time(fedjob_round[1m]) >= 4"
         while not api(prom_port, "query", query=ready)["result"]:
