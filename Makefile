@@ -47,6 +47,7 @@ test-cluster-down:
 
 crds: $(STAMP)
 	$(VENV)/bin/fedjob crd --out crds/federatedjob.yaml
+	cp crds/federatedjob.yaml helm/fedjob/crds/federatedjob.yaml
 
 bench: $(STAMP)
 	$(PY) bench/compression.py

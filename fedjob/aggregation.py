@@ -83,6 +83,25 @@ class Strategy(ABC):
         if state:
             raise ValueError(f"{self.name} keeps no state, got {sorted(state)[:3]}")
 
+    # Extra tensors in the stream (SCAFFOLD's control variates). Names carry a "/",
+    # which parameter names never do, so they cannot collide with the model's tensors.
+
+    def download_extras_manifest(self, manifest: Mapping[str, TensorInfo]) -> dict[str, TensorInfo]:
+        """Tensors sent to every silo after the global parameters."""
+        return {}
+
+    def download_extras(self, silo: str, manifest: Mapping[str, TensorInfo]) -> State:
+        """Their values for one silo."""
+        return {}
+
+    def upload_extras_manifest(self, manifest: Mapping[str, TensorInfo]) -> dict[str, TensorInfo]:
+        """Tensors every update carries after the parameter deltas."""
+        return {}
+
+    def fold_extra(self, silo: str, info: TensorInfo, offset: int, values: npt.NDArray[np.float32]) -> None:
+        """One verified chunk of an extra tensor. Writes, never adds: a resent chunk lands in place."""
+        raise ValueError(f"{self.name} takes no extra tensors, got {info.name!r}")
+
 
 def _add(global_state: State, step: dict[str, F64]) -> State:
     return {n: (global_state[n].astype(np.float64) + step[n]).astype(np.float32) for n in global_state}
@@ -191,9 +210,90 @@ class FedAdagrad(ServerOptimizer):
         return out
 
 
-def make_strategy(aggregation: AggregationSpec) -> Strategy:
+class Scaffold(Strategy):
+    """Karimireddy et al. 2020: control variates correct each silo's drift towards its own optimum.
+
+    Silo i trains on gradients g + (c - c_i), where c_i estimates its own mean gradient
+    and c the mean over all silos, then returns its delta and its new c_i (the mean of
+    its raw gradients over the round). The server keeps every c_i, so a restarted
+    silo pod needs no state of its own: it receives c - c_i with the global model.
+    c = mean over all N silos of c_i, which is the paper's c += |S|/N mean(dc_i) kept
+    as an invariant. Aggregator memory: O(N x trainable parameters).
+    """
+
+    name = "scaffold"
+    CORRECTION = "scaffold/correction/"  # download: c - c_i
+    VARIATE = "scaffold/variate/"  # upload: the silo's new c_i
+
+    def __init__(self, num_silos: int) -> None:
+        self.num_silos = num_silos
+        self.c: dict[str, F32] = {}
+        self.ci: dict[str, dict[str, F32]] = {}
+        self.pending: dict[str, dict[str, F32]] = {}
+
+    def weight(self, meta: UpdateMeta) -> float:
+        return float(max(meta.num_samples, 1))
+
+    def download_extras_manifest(self, manifest: Mapping[str, TensorInfo]) -> dict[str, TensorInfo]:
+        return {self.CORRECTION + n: TensorInfo(self.CORRECTION + n, t.shape) for n, t in manifest.items()}
+
+    def download_extras(self, silo: str, manifest: Mapping[str, TensorInfo]) -> State:
+        mine = self.ci.get(silo, {})
+        out: State = {}
+        for n, t in manifest.items():
+            c = self.c.get(n, np.zeros(t.shape, dtype=np.float32))
+            out[self.CORRECTION + n] = (c - mine[n]) if n in mine else c.copy()
+        return out
+
+    def upload_extras_manifest(self, manifest: Mapping[str, TensorInfo]) -> dict[str, TensorInfo]:
+        return {self.VARIATE + n: TensorInfo(self.VARIATE + n, t.shape) for n, t in manifest.items()}
+
+    def fold_extra(self, silo: str, info: TensorInfo, offset: int, values: npt.NDArray[np.float32]) -> None:
+        if not info.name.startswith(self.VARIATE):
+            raise ValueError(f"scaffold: unexpected extra tensor {info.name!r}")
+        name = info.name[len(self.VARIATE) :]
+        buf = self.pending.setdefault(silo, {}).setdefault(name, np.zeros(info.size, dtype=np.float32))
+        buf[offset : offset + values.size] = values
+
+    def apply(self, global_state: State, total: RunningSum, round_number: int) -> State:
+        new = _add(global_state, total.weighted_mean())
+        for meta in total.contributors:
+            got = self.pending.get(meta.silo, {})
+            self.ci[meta.silo] = {n: got[n].reshape(v.shape) for n, v in global_state.items()}
+        # Uploads that never completed leave nothing behind.
+        self.pending.clear()
+        self.c = {}
+        for n, v in global_state.items():
+            acc = np.zeros(v.shape, dtype=np.float64)
+            for variates in self.ci.values():
+                acc += variates[n]
+            self.c[n] = (acc / self.num_silos).astype(np.float32)
+        return new
+
+    def state(self) -> dict[str, F32]:
+        out = {f"c/{n}": v for n, v in self.c.items()}
+        for silo, variates in self.ci.items():
+            out.update({f"ci/{silo}/{n}": v for n, v in variates.items()})
+        return out
+
+    def load_state(self, state: dict[str, F32]) -> None:
+        self.c, self.ci, self.pending = {}, {}, {}
+        for key, v in state.items():
+            kind, _, rest = key.partition("/")
+            if kind == "c":
+                self.c[rest] = v
+            elif kind == "ci":
+                silo, _, name = rest.partition("/")
+                self.ci.setdefault(silo, {})[name] = v
+            else:
+                raise ValueError(f"scaffold: unexpected checkpoint entry {key!r}")
+
+
+def make_strategy(aggregation: AggregationSpec, num_silos: int) -> Strategy:
     """The strategy a job's `spec.aggregation` names, with its parameters."""
     a = aggregation
+    if a.algorithm == "scaffold":
+        return Scaffold(num_silos)
     simple: dict[str, type[Strategy]] = {"fedavg": FedAvg, "fedprox": FedProx, "fednova": FedNova}
     if a.algorithm in simple:
         return simple[a.algorithm]()

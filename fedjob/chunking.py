@@ -39,10 +39,10 @@ def raw_bytes(manifest: Mapping[str, TensorInfo]) -> int:
 
 
 def iter_chunks(
-    state: Mapping[str, F32], codec: Codec, chunk_bytes: int, rng: np.random.Generator
+    state: Mapping[str, F32], codec: Codec, chunk_bytes: int, rng: np.random.Generator, start_seq: int = 0
 ) -> Iterator[pb.Chunk]:
     per_chunk = codec.values_per_chunk(chunk_bytes)
-    seq = 0
+    seq = start_seq
     for name, tensor in state.items():
         flat = np.ascontiguousarray(tensor, dtype=np.float32).reshape(-1)
         spec = pb.TensorSpec(name=name, shape=list(tensor.shape), dtype="float32")

@@ -37,7 +37,7 @@ PATTERN_RULES = {
 TrainingMode = Literal["pretrain", "full", "lora", "prefix", "prompt", "adapter"]
 PEFT_MODES = ("lora", "prefix", "prompt", "adapter")
 Codec = Literal["none", "fp16", "bf16", "int8"]
-Algorithm = Literal["fedavg", "fedprox", "fednova", "fedadam", "fedyogi", "fedadagrad"]
+Algorithm = Literal["fedavg", "fedprox", "scaffold", "fednova", "fedadam", "fedyogi", "fedadagrad"]
 
 
 class _Spec(BaseModel):
@@ -235,11 +235,6 @@ class JobSpec(_Spec):
             raise ValueError(f"silos: names must be unique, repeated: {', '.join(dupes)}")
         if self.aggregation.min_silos > len(self.silos):
             raise ValueError(f"aggregation.minSilos: must be at most the number of silos ({len(self.silos)})")
-        if self.aggregation.algorithm == "fedprox" and self.training.deepspeed.zero_stage == 3:
-            raise ValueError(
-                "aggregation.algorithm: fedprox needs training.deepspeed.zeroStage 0-2 "
-                "(its proximal term reads whole parameters, which ZeRO-3 partitions)"
-            )
         if self.training.mode != "pretrain" and self.model.path is None:
             raise ValueError(
                 f"model.path: training mode {self.training.mode!r} starts from a pretrained model"

@@ -150,7 +150,7 @@ def two_silo_spec(assets: Path, training: dict[str, Any], **spec: Any) -> dict[s
     }
 
 
-@pytest.mark.parametrize("algorithm", ["fedprox", "fednova", "fedadam"])
+@pytest.mark.parametrize("algorithm", ["fedprox", "scaffold", "fednova", "fedadam"])
 def test_other_strategies_train_for_real(assets: Path, tmp_path: Path, algorithm: str) -> None:
     spec = two_silo_spec(
         assets,
@@ -164,6 +164,14 @@ def test_other_strategies_train_for_real(assets: Path, tmp_path: Path, algorithm
     rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2, 3]
     assert rounds[-1]["eval_loss"] < rounds[0]["eval_loss"]
+    final = np.load(sorted((out / "checkpoints").glob("global-*.npz"))[-1])
+    kept = {k.split("/")[2] for k in final.files if k.startswith("__strategy__/ci/")}
+    if algorithm == "scaffold":
+        # Both silos' control variates came back through the update stream and were kept.
+        assert kept == {"code", "docs"}
+        assert all(np.abs(final[k]).max() > 0 for k in final.files if k.startswith("__strategy__/"))
+    else:
+        assert not kept
 
 
 @pytest.mark.parametrize("mode", ["prefix", "prompt", "adapter"])

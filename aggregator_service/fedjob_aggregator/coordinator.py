@@ -113,10 +113,12 @@ class Coordinator:
         self.spec = job.spec
         self.strategy = strategy
         self.manifest = manifest_of(initial_state)
+        # What an update carries: the parameter deltas, then any tensors the strategy adds.
+        self.upload_manifest = {**self.manifest, **strategy.upload_extras_manifest(self.manifest)}
         self.codec = Codec.from_spec(job.spec.compression.codec, job.spec.compression.zstd)
         self.download_codec = Codec.from_spec("none", job.spec.compression.zstd)
         self.chunk_bytes = job.spec.compression.chunk_bytes
-        self.expected_chunks = count_chunks(self.manifest, self.codec, self.chunk_bytes)
+        self.expected_chunks = count_chunks(self.upload_manifest, self.codec, self.chunk_bytes)
         self.evaluate = evaluate
         self.finalize = finalize
         self.observe = observe or (lambda event, fields: None)
@@ -298,9 +300,17 @@ class Coordinator:
     def download(self, silo: str, round_number: int) -> list[pb.Chunk]:
         with self.cond:
             rnd = self._round_for(silo, round_number)
-            rnd.bytes_down[silo] = rnd.bytes_down.get(silo, 0) + rnd.download_bytes
-            self.silos[silo].bytes_down += rnd.download_bytes
-            return rnd.download
+            chunks = rnd.download
+            extras = self.strategy.download_extras(silo, self.manifest)
+            if extras:  # per-silo tensors (SCAFFOLD's c - c_i) continue the same stream
+                rng = np.random.default_rng([rnd.number, len(rnd.download)])
+                chunks = chunks + list(
+                    iter_chunks(extras, self.download_codec, self.chunk_bytes, rng, start_seq=len(chunks))
+                )
+            sent = sum(len(c.payload) for c in chunks)
+            rnd.bytes_down[silo] = rnd.bytes_down.get(silo, 0) + sent
+            self.silos[silo].bytes_down += sent
+            return chunks
 
     def _round_for(self, silo: str, round_number: int) -> RoundState:
         rnd = self.current
@@ -372,10 +382,10 @@ class Coordinator:
                 upload_id=header.upload_id,
                 meta=meta,
                 weight=self.strategy.weight(meta),
-                validator=ChunkValidator(self.manifest, self.codec, self.chunk_bytes),
+                validator=ChunkValidator(self.upload_manifest, self.codec, self.chunk_bytes),
                 total_chunks=header.total_chunks,
                 spool=self.spool_dir / f"r{rnd.number}-{silo}.spool",
-                raw_bytes=raw_bytes(self.manifest),
+                raw_bytes=raw_bytes(self.upload_manifest),
             )
             up.spool.write_bytes(b"")
             rnd.in_flight[silo] = up
@@ -392,7 +402,10 @@ class Coordinator:
                 raise Refused(
                     CHUNK_REASON_CODES.get(exc.reason, "INVALID_ARGUMENT"), exc.reason, exc.detail
                 ) from None
-            rnd.total.fold(name, offset, values, up.weight)
+            if name in self.manifest:
+                rnd.total.fold(name, offset, values, up.weight)
+            else:
+                self.strategy.fold_extra(up.silo, self.upload_manifest[name], offset, values)
             # Keep what was folded, so a broken upload can be taken out again exactly.
             data = chunk.SerializeToString()
             with open(up.spool, "ab") as f:
@@ -443,7 +456,7 @@ class Coordinator:
 
     def _discard(self, rnd: RoundState, up: Upload, why: str) -> None:
         """Take a partial upload back out of the running sum, from its spool."""
-        validator = ChunkValidator(self.manifest, self.codec, self.chunk_bytes)
+        validator = ChunkValidator(self.upload_manifest, self.codec, self.chunk_bytes)
         if up.spool.exists():
             data = up.spool.read_bytes()
             pos = 0
@@ -452,7 +465,9 @@ class Coordinator:
                 chunk = pb.Chunk.FromString(data[pos + 4 : pos + 4 + n])
                 pos += 4 + n
                 name, offset, values = validator.check(chunk)
-                rnd.total.unfold(name, offset, values, up.weight)
+                # Extras are written in place and only used for committed uploads: nothing to undo.
+                if name in self.manifest:
+                    rnd.total.unfold(name, offset, values, up.weight)
             up.spool.unlink(missing_ok=True)
         rnd.in_flight.pop(up.silo, None)
         self.silos[up.silo].state = "rejected"

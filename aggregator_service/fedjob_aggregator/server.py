@@ -105,7 +105,7 @@ def serve(job: FederatedJob, opts: AggregatorOptions) -> int:
     metrics = AggregatorMetrics(job)
     coord = Coordinator(
         job,
-        make_strategy(job.spec.aggregation),
+        make_strategy(job.spec.aggregation, len(job.spec.silos)),
         hooks.initial,
         opts.workdir,
         evaluate=hooks.evaluate if hooks.batches else None,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedjob.aggregation import make_strategy
 from fedjob.chunking import manifest_of
 from fedjob.codec import Codec
 from fedjob.spec import FederatedJob
@@ -83,6 +84,9 @@ def _rank_main(job: FederatedJob, opts: WorkerOptions, rank: int, world: int, po
     codec = Codec.from_spec(comp.codec, comp.zstd)
     download_codec = Codec.from_spec("none", comp.zstd)
     manifest = manifest_of(trainer.manifest_state())
+    # Tensors the job's algorithm adds to the stream (SCAFFOLD's control variates).
+    strategy = make_strategy(job.spec.aggregation, len(job.spec.silos))
+    download_manifest = {**manifest, **strategy.download_extras_manifest(manifest)}
     client = None
     if rank == 0:
         client = AggregatorClient(
@@ -117,12 +121,16 @@ def _rank_main(job: FederatedJob, opts: WorkerOptions, rank: int, world: int, po
         glob: list[Any] = [None]
         if client is not None:
             started = time.time()
-            glob[0], nbytes = client.download(round_number, manifest, download_codec, comp.chunk_bytes)
+            glob[0], nbytes = client.download(
+                round_number, download_manifest, download_codec, comp.chunk_bytes
+            )
             log.info("round %d: downloaded %d bytes in %.2f s", round_number, nbytes, time.time() - started)
         dist.broadcast_object_list(glob, src=0)
-        global_state = glob[0]
+        received = glob[0]
+        global_state = {n: received[n] for n in manifest}
+        extras = {n: v for n, v in received.items() if n not in manifest}
         started = time.time()
-        result = trainer.train(round_number, global_state)
+        result = trainer.train(round_number, global_state, extras)
         log.info(
             "round %d: %d local steps, loss %.4f, %.1f s",
             round_number,
@@ -132,6 +140,7 @@ def _rank_main(job: FederatedJob, opts: WorkerOptions, rank: int, world: int, po
         )
         if client is not None:
             delta = {n: result.state[n] - global_state[n] for n in global_state}
+            delta.update(result.extras)
             try:
                 sent = client.upload(
                     round_number,

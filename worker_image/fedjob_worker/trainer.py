@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -70,6 +70,7 @@ class RoundResult:
     state: State  # trainable parameters after training (complete on rank 0)
     train_loss: float
     steps: int
+    extras: State = field(default_factory=dict)  # tensors the algorithm sends back (SCAFFOLD's c_i)
 
 
 class LocalTrainer:
@@ -85,7 +86,7 @@ class LocalTrainer:
         """The trainable tensors' names and shapes, as the aggregator's global state has them."""
         return modeling.get_state(modeling.build_model(self.job))
 
-    def train(self, round_number: int, global_state: State) -> RoundResult:
+    def train(self, round_number: int, global_state: State, extras: State | None = None) -> RoundResult:
         import deepspeed
         import torch
         import torch.distributed as dist
@@ -102,30 +103,24 @@ class LocalTrainer:
         # Different windows on every rank, silo and round, reproducible from the job's seed.
         rng = np.random.default_rng([t.seed, round_number, self.rank, *self.silo.encode()])
         losses = []
-        agg = self.job.spec.aggregation
-        anchor = None
-        if agg.algorithm == "fedprox" and agg.proximal_mu > 0:
-            # FedProx: mu/2 ||w - w_global||^2 keeps each silo near the global model.
-            anchor = [
-                (p, torch.from_numpy(global_state[n]).to(engine.device))
-                for n, p in modeling.trainable_parameters(engine.module)
-            ]
+        adjust = GradientAdjustment.for_job(self.job, global_state, extras or {})
+        named = modeling.trainable_parameters(engine.module)
         for _ in range(t.local_steps):
             batch = torch.from_numpy(self.corpus.random_batch(rng, t.batch_size, t.sequence_length)).to(
                 engine.device
             )
             loss = engine(input_ids=batch, labels=batch).loss
             losses.append(float(loss.detach()))  # the data loss, comparable across algorithms
-            if anchor is not None:
-                prox = sum(((p.float() - g) ** 2).sum() for p, g in anchor)
-                loss = loss + 0.5 * agg.proximal_mu * prox
             engine.backward(loss)
+            if adjust is not None:
+                adjust.apply(named)
             engine.step()
         mean = torch.tensor([float(np.mean(losses))], dtype=torch.float64)
         dist.all_reduce(mean)
         state = self._gather_state(engine)
         engine.destroy()
-        return RoundResult(state, float(mean.item()) / self.world_size, t.local_steps)
+        out = adjust.result(t.local_steps) if adjust is not None else {}
+        return RoundResult(state, float(mean.item()) / self.world_size, t.local_steps, out)
 
     def _gather_state(self, engine: Any) -> State:
         """Full fp32 trainable parameters. Collective under ZeRO-3: every rank must call it."""
@@ -140,3 +135,70 @@ class LocalTrainer:
                     value = p.detach().clone()
             out[name] = value.detach().float().cpu().numpy().copy()
         return out
+
+
+class GradientAdjustment:
+    """What a client-side algorithm adds to each step's gradient, between backward and step.
+
+    FedProx: + mu (w - w_global), the gradient of mu/2 ||w - w_global||^2.
+    SCAFFOLD: + (c - c_i); the raw gradients are averaged into the silo's new c_i.
+    Working on gradients through DeepSpeed's safe_get/set_full_grad (rather than on the
+    loss) is what makes both correct under every ZeRO stage, including ZeRO-3 where
+    parameters are partitioned outside forward. Those calls are collective: every rank
+    makes them, for every trainable tensor, in the same order.
+    """
+
+    def __init__(self, mu: float, anchor: State, correction: State | None) -> None:
+        import torch
+
+        self.mu = mu
+        self.anchor = {n: torch.from_numpy(v) for n, v in anchor.items()} if mu > 0 else {}
+        self.correction = {n: torch.from_numpy(v) for n, v in (correction or {}).items()}
+        self.grad_sum = (
+            {n: torch.zeros(v.shape, dtype=torch.float64) for n, v in anchor.items()}
+            if correction is not None
+            else None
+        )
+
+    @classmethod
+    def for_job(cls, job: FederatedJob, global_state: State, extras: State) -> GradientAdjustment | None:
+        from fedjob.aggregation import Scaffold
+
+        agg = job.spec.aggregation
+        if agg.algorithm == "fedprox" and agg.proximal_mu > 0:
+            return cls(agg.proximal_mu, global_state, None)
+        if agg.algorithm == "scaffold":
+            p = Scaffold.CORRECTION
+            correction = {n: extras[p + n] for n in global_state}
+            return cls(0.0, global_state, correction)
+        return None
+
+    def apply(self, named: list[tuple[str, Any]]) -> None:
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad, safe_set_full_grad
+
+        for name, p in named:
+            grad = safe_get_full_grad(p)
+            if grad is None:
+                continue
+            raw = grad.detach().float().cpu().reshape(self.anchor.get(name, grad).shape)
+            if self.grad_sum is not None:
+                self.grad_sum[name] += raw.reshape(self.grad_sum[name].shape)
+            new = raw
+            if self.mu > 0:
+                w32 = safe_get_full_fp32_param(p)
+                w = (p if w32 is None else w32).detach().float().cpu().reshape(self.anchor[name].shape)
+                new = new + self.mu * (w - self.anchor[name])
+            if name in self.correction:
+                new = new + self.correction[name].reshape(new.shape)
+            safe_set_full_grad(p, new.reshape(grad.shape).to(dtype=grad.dtype, device=grad.device))
+
+    def result(self, steps: int) -> State:
+        """SCAFFOLD's new c_i: the round's mean raw gradient (gradient units, whatever the optimiser)."""
+        from fedjob.aggregation import Scaffold
+
+        if self.grad_sum is None:
+            return {}
+        return {
+            Scaffold.VARIATE + n: (g / max(steps, 1)).numpy().astype(np.float32)
+            for n, g in self.grad_sum.items()
+        }
