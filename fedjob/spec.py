@@ -168,6 +168,13 @@ class SiloSpec(_Spec):
     name: Annotated[str, Field(min_length=1, max_length=24, pattern=DNS_LABEL)]
     data: DataSpec
     processes: int = Field(1, ge=1, le=64, description="Training processes in this silo (torch distributed).")
+    local_steps: int | None = Field(
+        None,
+        ge=1,
+        le=1_000_000,
+        description="This silo's local steps per round, when it differs from training.localSteps "
+        "(silos with more data or more compute; fednova normalises for it).",
+    )
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     node_selector: dict[str, str] = {}
     tolerations: list[dict[str, Any]] = []

@@ -64,7 +64,7 @@ def split_sources(
     rng = np.random.default_rng(seed)
     names = [f"silo-{i}" for i in range(silos)]
     summary = SplitSummary(names, list(sources), {n: {} for n in names})
-    assigned: dict[str, list[str]] = {n: [] for n in names}
+    assigned: dict[str, list[tuple[str, str]]] = {n: [] for n in names}  # silo -> (source, document)
     for k, (source, text) in enumerate(sources.items()):
         docs = documents(text, doc_bytes)
         if by_source:
@@ -73,13 +73,20 @@ def split_sources(
             shares = rng.dirichlet(np.full(silos, alpha))
             owners = rng.choice(silos, size=len(docs), p=shares)
         for doc, owner in zip(docs, owners, strict=True):
-            silo = names[int(owner)]
-            assigned[silo].append(doc)
+            assigned[names[int(owner)]].append((source, doc))
+    # A silo with no text could not train at all: give each empty one a document from the largest.
+    for silo in names:
+        if not assigned[silo]:
+            donor = max(names, key=lambda n: len(assigned[n]))
+            if len(assigned[donor]) < 2:
+                raise ValueError(f"too little text for {silos} silos: make doc_bytes smaller")
+            assigned[silo].append(assigned[donor].pop())
+    for silo, pairs in assigned.items():
+        for source, doc in pairs:
             summary.bytes[silo][source] = summary.bytes[silo].get(source, 0) + len(doc.encode())
-    for silo, docs in assigned.items():
         folder = out / silo
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "text.txt").write_text("\n\n".join(docs), encoding="utf-8")
+        (folder / "text.txt").write_text("\n\n".join(doc for _, doc in pairs), encoding="utf-8")
     return summary
 
 

@@ -62,3 +62,12 @@ def test_by_source_gives_each_silo_one_source_and_the_cli_prints_a_summary(tmp_p
     assert lines[0].split()[:4] == ["silo", "a", "b", "c"]
     row0 = lines[1].split()
     assert row0[0] == "silo-0" and int(row0[1]) > 0 and row0[2] == row0[3] == "0"
+
+
+def test_no_silo_is_left_without_text_even_when_alpha_starves_it(tmp_path: Path) -> None:
+    # 8 silos and 3 very skewed sources: the Dirichlet draw leaves some silos with nothing.
+    summary = split_sources(SOURCES, 8, tmp_path, alpha=0.01, seed=0)
+    assert all(sum(summary.bytes[s].values()) > 0 for s in summary.silos)
+    assert all((tmp_path / s / "text.txt").stat().st_size > 0 for s in summary.silos)
+    total = sum(sum(row.values()) for row in summary.bytes.values())
+    assert total == sum(len(d.encode()) for t in SOURCES.values() for d in documents(t, 2048))

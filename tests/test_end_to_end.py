@@ -159,11 +159,16 @@ def test_other_strategies_train_for_real(assets: Path, tmp_path: Path, algorithm
         rounds=3,
         aggregation={"algorithm": algorithm, "minSilos": 2, "proximalMu": 0.1, "serverLearningRate": 0.01},
     )
+    if algorithm == "fednova":  # silos that run different numbers of steps: what FedNova is for
+        spec["silos"][0]["localSteps"] = 4
     proc, out = run_job(assets, tmp_path, spec)
     assert proc.returncode == 0, proc.stdout[-3000:] + logs(out)
     rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2, 3]
     assert rounds[-1]["eval_loss"] < rounds[0]["eval_loss"]
+    if algorithm == "fednova":
+        assert "round 3: 4 local steps" in (out / "logs" / "silo-code.log").read_text()
+        assert "round 3: 10 local steps" in (out / "logs" / "silo-docs.log").read_text()
     final = np.load(sorted((out / "checkpoints").glob("global-*.npz"))[-1])
     kept = {k.split("/")[2] for k in final.files if k.startswith("__strategy__/ci/")}
     if algorithm == "scaffold":

@@ -81,6 +81,7 @@ class LocalTrainer:
         self.world_size = world_size
         self.corpus = TextCorpus.from_folder(job.silo(silo).data.path)
         self.num_samples = self.corpus.num_samples(job.spec.training.sequence_length)
+        self.local_steps = job.silo(silo).local_steps or job.spec.training.local_steps
 
     def manifest_state(self) -> State:
         """The trainable tensors' names and shapes, as the aggregator's global state has them."""
@@ -105,7 +106,7 @@ class LocalTrainer:
         losses = []
         adjust = GradientAdjustment.for_job(self.job, global_state, extras or {})
         named = modeling.trainable_parameters(engine.module)
-        for _ in range(t.local_steps):
+        for _ in range(self.local_steps):
             batch = torch.from_numpy(self.corpus.random_batch(rng, t.batch_size, t.sequence_length)).to(
                 engine.device
             )
@@ -119,8 +120,8 @@ class LocalTrainer:
         dist.all_reduce(mean)
         state = self._gather_state(engine)
         engine.destroy()
-        out = adjust.result(t.local_steps) if adjust is not None else {}
-        return RoundResult(state, float(mean.item()) / self.world_size, t.local_steps, out)
+        out = adjust.result(self.local_steps) if adjust is not None else {}
+        return RoundResult(state, float(mean.item()) / self.world_size, self.local_steps, out)
 
     def _gather_state(self, engine: Any) -> State:
         """Full fp32 trainable parameters. Collective under ZeRO-3: every rank must call it."""
