@@ -7,6 +7,7 @@ copies, and a fresh local optimizer per round is what FedAvg assumes anyway.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -35,6 +36,24 @@ def init_distributed(rank: int, world_size: int, master_port: int) -> None:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo" if not _has_cuda() else "nccl", verbose=False)
+    _unlink_shm_buffer(rank)
+
+
+def _unlink_shm_buffer(rank: int) -> None:
+    """Remove this rank's name for DeepSpeed's CPU shared-memory all-reduce buffer (66 MiB).
+
+    DeepSpeed never unlinks it, so every silo process start left one in /dev/shm
+    until the machine (or the pod's shm) filled up. Once every rank has mapped its
+    peers' buffers (init returns only then; the barrier makes sure for all ranks),
+    the name is not needed: the mappings live on until the process exits.
+    """
+    import torch.distributed as dist
+
+    dist.barrier()
+    where = f"{os.environ['MASTER_ADDR']}_{os.environ['MASTER_PORT']}"
+    # Missing when this accelerator (GPU) or machine has no shm op.
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{where}_{rank}")
 
 
 def _has_cuda() -> bool:
