@@ -217,8 +217,13 @@ class Scaffold(Strategy):
     and c the mean over all silos, then returns its delta and its new c_i (the mean of
     its raw gradients over the round). The server keeps every c_i, so a restarted
     silo pod needs no state of its own: it receives c - c_i with the global model.
-    c = mean over all N silos of c_i, which is the paper's c += |S|/N mean(dc_i) kept
-    as an invariant. Aggregator memory: O(N x trainable parameters).
+
+    c is the mean of the c_i with the weights the deltas are averaged with (samples),
+    over the silos that have reported: the corrections then cancel in the aggregate,
+    sum_i p_i (c - c_i) = 0. With equal weights and full participation this is the
+    paper's c += |S|/N mean(dc_i); the paper's zeros for silos not yet heard from
+    would pull c towards zero until each has reported once, a bias this avoids.
+    Aggregator memory: O(N x trainable parameters).
     """
 
     name = "scaffold"
@@ -229,6 +234,7 @@ class Scaffold(Strategy):
         self.num_silos = num_silos
         self.c: dict[str, F32] = {}
         self.ci: dict[str, dict[str, F32]] = {}
+        self.weights: dict[str, float] = {}  # each silo's latest weight, for c
         self.pending: dict[str, dict[str, F32]] = {}
 
     def weight(self, meta: UpdateMeta) -> float:
@@ -260,24 +266,27 @@ class Scaffold(Strategy):
         for meta in total.contributors:
             got = self.pending.get(meta.silo, {})
             self.ci[meta.silo] = {n: got[n].reshape(v.shape) for n, v in global_state.items()}
+            self.weights[meta.silo] = self.weight(meta)
         # Uploads that never completed leave nothing behind.
         self.pending.clear()
+        weight_sum = sum(self.weights.values())
         self.c = {}
         for n, v in global_state.items():
             acc = np.zeros(v.shape, dtype=np.float64)
-            for variates in self.ci.values():
-                acc += variates[n]
-            self.c[n] = (acc / self.num_silos).astype(np.float32)
+            for silo, variates in self.ci.items():
+                acc += self.weights[silo] * variates[n]
+            self.c[n] = (acc / weight_sum).astype(np.float32)
         return new
 
     def state(self) -> dict[str, F32]:
         out = {f"c/{n}": v for n, v in self.c.items()}
         for silo, variates in self.ci.items():
             out.update({f"ci/{silo}/{n}": v for n, v in variates.items()})
+            out[f"weight/{silo}"] = np.array([self.weights[silo]], dtype=np.float32)
         return out
 
     def load_state(self, state: dict[str, F32]) -> None:
-        self.c, self.ci, self.pending = {}, {}, {}
+        self.c, self.ci, self.weights, self.pending = {}, {}, {}, {}
         for key, v in state.items():
             kind, _, rest = key.partition("/")
             if kind == "c":
@@ -285,6 +294,8 @@ class Scaffold(Strategy):
             elif kind == "ci":
                 silo, _, name = rest.partition("/")
                 self.ci.setdefault(silo, {})[name] = v
+            elif kind == "weight":
+                self.weights[rest] = float(v[0])
             else:
                 raise ValueError(f"scaffold: unexpected checkpoint entry {key!r}")
 

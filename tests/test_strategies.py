@@ -143,10 +143,17 @@ def grad(i: int, w: np.ndarray) -> np.ndarray:
     return np.asarray(A[i] @ (w - B[i]))
 
 
-def reference_scaffold(rounds: int, schedule: list[list[int]]) -> np.ndarray:
-    """Algorithm 1 of the paper, option II, global step size 1, written out in NumPy."""
+def reference_scaffold(rounds: int, schedule: list[list[int]], paper_c: bool) -> list[np.ndarray]:
+    """Algorithm 1 of the paper, option II, global step size 1, written out in NumPy.
+
+    paper_c: c += |S|/N mean(dc_i), silos not heard from yet counting as c_i = 0. Else
+    c = the mean of the c_i of the silos heard from (fedjob's choice; the same once
+    every silo has reported). Returns x after every round.
+    """
     x, c = np.zeros(2), np.zeros(2)
     ci = [np.zeros(2) for _ in A]
+    heard: set[int] = set()
+    xs = []
     for r in range(rounds):
         chosen = schedule[r % len(schedule)]
         dy, dc = [], []
@@ -158,9 +165,14 @@ def reference_scaffold(rounds: int, schedule: list[list[int]]) -> np.ndarray:
             dy.append(y - x)
             dc.append(new_ci - ci[i])
             ci[i] = new_ci
+        heard.update(chosen)
         x = x + np.mean(dy, axis=0)
-        c = c + len(chosen) / len(A) * np.mean(dc, axis=0)
-    return x
+        if paper_c:
+            c = c + len(chosen) / len(A) * np.mean(dc, axis=0)
+        else:
+            c = np.mean([ci[i] for i in sorted(heard)], axis=0)
+        xs.append(x)
+    return xs
 
 
 def silo_round(i: int, x: np.ndarray, correction: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -175,8 +187,9 @@ def silo_round(i: int, x: np.ndarray, correction: np.ndarray | None) -> tuple[np
 
 def run_fedjob(
     strategy: Strategy, rounds: int, schedule: list[list[int]], tmp_path: Path | None = None
-) -> np.ndarray:
+) -> list[np.ndarray]:
     g = {"w": np.zeros(2, np.float32)}
+    xs = []
     manifest = manifest_of(g)
     up_extra = strategy.upload_extras_manifest(manifest)
     for r in range(rounds):
@@ -201,19 +214,28 @@ def run_fedjob(
             assert loaded is not None
             strategy = Scaffold(len(A))
             strategy.load_state(loaded.strategy_state)
-    return g["w"].astype(np.float64)
+        xs.append(g["w"].astype(np.float64))
+    return xs
 
 
 @pytest.mark.parametrize("schedule", [[[0, 1, 2]], [[0, 1], [1, 2], [0, 2]]], ids=["all", "two-of-three"])
 def test_scaffold_matches_the_papers_algorithm(schedule: list[list[int]], tmp_path: Path) -> None:
     # The trainer's c_i (mean raw gradient) equals option II's c_i - c + (x - y) / (K eta) under SGD.
+    # Round by round, through a checkpoint restart halfway.
     ours = run_fedjob(Scaffold(len(A)), 40, schedule, tmp_path)
-    np.testing.assert_allclose(ours, reference_scaffold(40, schedule), rtol=1e-4, atol=1e-5)
+    ref = reference_scaffold(40, schedule, paper_c=False)
+    paper = reference_scaffold(40, schedule, paper_c=True)
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
+    if len(schedule) == 1:  # full participation: exactly the paper's c as well
+        np.testing.assert_allclose(ours, paper, rtol=1e-4, atol=1e-5)
+    else:  # partial: the two choices of c differ early on, and reach the same optimum
+        assert np.abs(ours[1] - paper[1]).max() > 1e-3
+        np.testing.assert_allclose(ours[-1], paper[-1], atol=1e-3)
 
 
 def test_scaffold_removes_the_client_drift_that_fedavg_shows() -> None:
-    fedavg = run_fedjob(FedAvg(), 300, [[0, 1, 2]])
-    scaffold = run_fedjob(Scaffold(len(A)), 300, [[0, 1, 2]])
+    fedavg = run_fedjob(FedAvg(), 300, [[0, 1, 2]])[-1]
+    scaffold = run_fedjob(Scaffold(len(A)), 300, [[0, 1, 2]])[-1]
     assert np.linalg.norm(scaffold - OPTIMUM) < 1e-3
     assert np.linalg.norm(fedavg - OPTIMUM) > 0.2  # FedAvg settles where the silos' drifts balance
 
@@ -229,8 +251,24 @@ def test_scaffold_uses_only_committed_variates() -> None:
     total.fold("w", 0, np.zeros(2, np.float32), 1.0)
     total.commit(meta, 1.0)
     s.apply(g, total, 1)
-    np.testing.assert_allclose(s.c["w"], [1.0, 2.0])  # (c_a + c_b=0) / N
-    np.testing.assert_allclose(
-        s.download_extras("a", manifest_of(g))[Scaffold.CORRECTION + "w"], [-1.0, -2.0]
-    )
-    np.testing.assert_allclose(s.download_extras("b", manifest_of(g))[Scaffold.CORRECTION + "w"], [1.0, 2.0])
+    np.testing.assert_allclose(s.c["w"], [2.0, 4.0])  # only a has reported: c = c_a
+    correction = Scaffold.CORRECTION + "w"
+    np.testing.assert_allclose(s.download_extras("a", manifest_of(g))[correction], [0.0, 0.0])
+    np.testing.assert_allclose(s.download_extras("b", manifest_of(g))[correction], [2.0, 4.0])
+
+
+def test_scaffold_weights_the_variates_as_it_weights_the_deltas() -> None:
+    s = Scaffold(2)
+    g = {"w": np.zeros(1, np.float32)}
+    info = s.upload_extras_manifest(manifest_of(g))[Scaffold.VARIATE + "w"]
+    total = RunningSum(manifest_of(g))
+    for silo, n, variate in (("a", 300, 1.0), ("b", 100, 5.0)):
+        meta = UpdateMeta(silo, n, 1, 0.0)
+        s.fold_extra(silo, info, 0, np.array([variate], np.float32))
+        total.fold("w", 0, np.zeros(1, np.float32), s.weight(meta))
+        total.commit(meta, s.weight(meta))
+    s.apply(g, total, 1)
+    np.testing.assert_allclose(s.c["w"], [(300 * 1.0 + 100 * 5.0) / 400])
+    # So the corrections cancel in the weighted aggregate: 300 (c - c_a) + 100 (c - c_b) = 0.
+    corr = {x: s.download_extras(x, manifest_of(g))[Scaffold.CORRECTION + "w"][0] for x in "ab"}
+    assert abs(300 * corr["a"] + 100 * corr["b"]) < 1e-4
