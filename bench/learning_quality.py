@@ -10,7 +10,7 @@ silos run different step counts, as real ones do). Prints the held-out eval loss
 of the final global model per method and its ratio to centralised, writes the
 table as markdown and a plot of eval loss per round.
 
-    .venv/bin/python bench/learning_quality.py            # about 15 min on 2 CPU cores, 10 jobs
+    .venv/bin/python bench/learning_quality.py            # about 10 min on 2 CPU cores (11 jobs)
     .venv/bin/python bench/learning_quality.py --rounds 4 --algorithms fedavg,scaffold   # a quick look
 """
 
