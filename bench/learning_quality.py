@@ -69,8 +69,14 @@ def job_document(
 def run_job(args: argparse.Namespace, doc: dict[str, Any], name: str) -> list[dict[str, Any]]:
     out = args.work / "runs" / name
     done = out / "metrics.jsonl"
-    if done.exists() and not args.fresh and len(done.read_text().splitlines()) == doc["spec"]["rounds"]:
-        return [json.loads(line) for line in done.read_text().splitlines()]  # cached from an earlier run
+    same_job = (out / "job.yaml").exists() and yaml.safe_load((out / "job.yaml").read_text()) == doc
+    if (
+        same_job
+        and not args.fresh
+        and done.exists()
+        and len(done.read_text().splitlines()) == doc["spec"]["rounds"]
+    ):
+        return [json.loads(line) for line in done.read_text().splitlines()]  # this very job, run before
     if out.exists():
         subprocess.run(["rm", "-rf", str(out)], check=True)
     out.mkdir(parents=True)
