@@ -53,6 +53,7 @@ def job_document(
                 "sequenceLength": args.seq,
                 "learningRate": args.lr,
                 "weightDecay": 0.0,
+                "optimizer": args.optimizer,
                 "seed": args.seed,
                 "deepspeed": {"zeroStage": 1},
             },
@@ -121,6 +122,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument(
+        "--optimizer", choices=["adamw", "sgd"], default="adamw", help="the silos' local optimiser"
+    )
     p.add_argument("--mu", type=float, default=0.1, help="FedProx proximal weight")
     p.add_argument("--server-lr", type=float, default=0.01, help="FedAdam server learning rate")
     p.add_argument("--alphas", default="1.0,0.1")
@@ -214,7 +218,7 @@ def main() -> None:
         f"{args.rounds} rounds, {args.silos} silos, {args.steps_per_round} local steps per round in all "
         f"(per silo, in proportion to its data: "
         + "; ".join(f"alpha {a}: {splits[a][1]}" for a in alphas)
-        + f"), batch {args.batch} x {args.seq} bytes, AdamW lr {args.lr}, full fine-tuning of a "
+        + f"), batch {args.batch} x {args.seq} bytes, {args.optimizer} lr {args.lr}, full fine-tuning of a "
         f"byte-level GPT-2 (128 wide, 2 layers; {args.pretrain_steps} steps of pre-training on docstrings), "
         f"ZeRO-1, FedProx mu {args.mu}, "
         f"FedAdam server lr {args.server_lr}, eval on {args.eval_batches} held-out batches (3 sources)"

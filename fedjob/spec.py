@@ -144,6 +144,10 @@ class TrainingSpec(_Spec):
     sequence_length: int = Field(128, ge=8, le=131072)
     learning_rate: float = Field(1e-3, gt=0, le=10)
     weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal["adamw", "sgd"] = Field(
+        "adamw", description="The silos' local optimiser, fresh each round (scaffold's analysis assumes sgd)."
+    )
+    momentum: float = Field(0.0, ge=0, lt=1, description="sgd only.")
     seed: int = Field(0, ge=0)
     lora: LoraSpec = Field(default_factory=LoraSpec)
     prompt: PromptSpec = Field(default_factory=PromptSpec)

@@ -57,7 +57,9 @@ dist.destroy_process_group()  # left to atexit, DeepSpeed's shm communicator can
 """
 
 
-def local_rounds(assets: Path, tmp_path: Path, deepspeed: dict[str, Any], world: int = 1) -> dict[str, Any]:
+def local_rounds(
+    assets: Path, tmp_path: Path, deepspeed: dict[str, Any], world: int = 1, optimizer: str = "adamw"
+) -> dict[str, Any]:
     doc = job_doc(
         model={"path": str(assets / "model")},
         training={
@@ -67,6 +69,7 @@ def local_rounds(assets: Path, tmp_path: Path, deepspeed: dict[str, Any], world:
             "sequenceLength": 32,
             "learningRate": 0.01,
             "weightDecay": 0.0,
+            "optimizer": optimizer,
             "lora": {"r": 4},
             "deepspeed": deepspeed,
         },
@@ -128,3 +131,13 @@ def Scaffold_variates(params: list[str]) -> list[str]:
     from fedjob.aggregation import Scaffold
 
     return [Scaffold.VARIATE + p for p in params]
+
+
+def test_with_sgd_the_correction_moves_every_parameter_by_exactly_lr_per_step(
+    assets: Path, tmp_path: Path
+) -> None:
+    # Plain SGD (SCAFFOLD's own setting): delta = -lr * sum_k (g_k + 1), and the mean raw
+    # gradient that comes back as c_i is what separates the two.
+    r = local_rounds(assets, tmp_path, {"zeroStage": 1, "gradientClipping": 0.0}, optimizer="sgd")
+    lr_steps = 0.01 * 6
+    assert abs(r["scaffold"]["mean_delta"] - r["fedavg"]["mean_delta"] + lr_steps) < 0.05 * lr_steps, r
