@@ -150,7 +150,7 @@ def two_silo_spec(assets: Path, training: dict[str, Any], **spec: Any) -> dict[s
     }
 
 
-@pytest.mark.parametrize("algorithm", ["fedprox", "scaffold", "fednova", "fedadam"])
+@pytest.mark.parametrize("algorithm", ["fedprox", "scaffold", "fednova", "fedadam", "fedyogi", "fedadagrad"])
 def test_other_strategies_train_for_real(assets: Path, tmp_path: Path, algorithm: str) -> None:
     spec = two_silo_spec(
         assets,
