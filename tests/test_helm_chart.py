@@ -7,7 +7,6 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from tests.conftest import REPO
@@ -23,15 +22,6 @@ TOGGLES = {
     "serviceAccount.create": [True, False],
 }
 CUSTOM_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
-
-
-@pytest.fixture(scope="session")
-def tools() -> Path:
-    out = subprocess.run(
-        [str(REPO / "hack" / "tools.sh"), "bin"], capture_output=True, text=True, timeout=600
-    )
-    assert out.returncode == 0, out.stderr
-    return Path(out.stdout.strip())
 
 
 def helm(tools: Path, *args: str) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from fedjob.aggregation import Scaffold
 from tests.conftest import REPO, job_doc
 
 pytestmark = pytest.mark.slow
@@ -115,7 +116,7 @@ def test_scaffold_and_fedprox_reach_the_optimiser(
     assert abs(r["fedavg"]["mean_delta"]) < 0.3 * lr_steps, r
     # The silo's new c_i is its raw gradient: the correction is not folded back into it.
     assert r["scaffold"]["variate_abs_mean"] < 0.5, r
-    assert r["scaffold"]["variate_names"] == sorted(Scaffold_variates(r["scaffold"]["params"]))
+    assert r["scaffold"]["variate_names"] == sorted(Scaffold.VARIATE + p for p in r["scaffold"]["params"])
     assert r["fedavg"]["variate_names"] == [] and r["fedprox"]["variate_names"] == []
     # A strong proximal term holds the silo near the global model.
     assert r["fedprox"]["delta_norm"] < 0.5 * r["fedavg"]["delta_norm"], r
@@ -125,12 +126,6 @@ def test_a_two_process_silo_applies_the_correction_on_every_rank(assets: Path, t
     r = local_rounds(assets, tmp_path, {"zeroStage": 2}, world=2)
     assert r["scaffold"]["mean_delta"] < -0.7 * 0.01 * 6, r
     assert r["fedprox"]["delta_norm"] < 0.5 * r["fedavg"]["delta_norm"], r
-
-
-def Scaffold_variates(params: list[str]) -> list[str]:
-    from fedjob.aggregation import Scaffold
-
-    return [Scaffold.VARIATE + p for p in params]
 
 
 def test_with_sgd_the_correction_moves_every_parameter_by_exactly_lr_per_step(

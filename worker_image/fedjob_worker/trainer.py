@@ -180,6 +180,7 @@ class GradientAdjustment:
         import torch
 
         self.mu = mu
+        self.shapes = {n: v.shape for n, v in anchor.items()}
         self.anchor = {n: torch.from_numpy(v) for n, v in anchor.items()} if mu > 0 else {}
         self.correction = {n: torch.from_numpy(v) for n, v in (correction or {}).items()}
         self.grad_sum = (
@@ -208,16 +209,17 @@ class GradientAdjustment:
             grad = safe_get_full_grad(p)
             if grad is None:
                 continue
-            raw = grad.detach().float().cpu().reshape(self.anchor.get(name, grad).shape)
+            shape = self.shapes[name]
+            raw = grad.detach().float().cpu().reshape(shape)
             if self.grad_sum is not None:
-                self.grad_sum[name] += raw.reshape(self.grad_sum[name].shape)
+                self.grad_sum[name] += raw
             new = raw
             if self.mu > 0:
                 w32 = safe_get_full_fp32_param(p)
-                w = (p if w32 is None else w32).detach().float().cpu().reshape(self.anchor[name].shape)
+                w = (p if w32 is None else w32).detach().float().cpu().reshape(shape)
                 new = new + self.mu * (w - self.anchor[name])
             if name in self.correction:
-                new = new + self.correction[name].reshape(new.shape)
+                new = new + self.correction[name].reshape(shape)
             safe_set_full_grad(p, new.reshape(grad.shape).to(dtype=grad.dtype, device=grad.device))
 
     def result(self, steps: int) -> State:
