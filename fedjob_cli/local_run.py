@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -152,6 +153,10 @@ class LocalRun:
             if self.console.is_terminal
             else None
         )
+        # SIGTERM (a CI timeout, `kill`, a container stop) takes the same path as Ctrl-C, so the
+        # aggregator and silos are stopped with us instead of living on as orphans.
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        interrupted = False
         try:
             if live:
                 live.start()
@@ -181,11 +186,15 @@ class LocalRun:
                 )
                 self.aggregator.start()
         except KeyboardInterrupt:
+            interrupted = True
             self.console.print("[yellow]interrupted; stopping (checkpoints are kept, run again to resume)[/]")
         finally:
+            signal.signal(signal.SIGTERM, previous)
             if live:
                 live.stop()
-            deadline = time.time() + 30
+            # After a normal end the silos leave by themselves once told the job is over; when
+            # interrupted they are still waiting for the next round, so stop them at once.
+            deadline = time.time() + (0 if interrupted else 30)
             for w in self.workers:
                 while w.poll() is None and time.time() < deadline:
                     time.sleep(0.2)
@@ -315,6 +324,10 @@ class LocalRun:
             f"{elapsed:.0f} s). See {self.out / 'logs'}."
         )
         return 1
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def plot_losses(history: list[dict[str, Any]], path: Path) -> None:
