@@ -136,7 +136,11 @@ def test_a_silo_that_stalls_past_the_deadline_is_left_out_and_rejoins(assets: Pa
     )
     job = write_job(
         # Rounds to spare: on a fast machine a round takes 0.2 s, and the stall must land mid-job.
-        tmp_path, assets, silos, rounds=6, aggregation={"minSilos": 3, "roundDeadlineSeconds": 20}
+        tmp_path,
+        assets,
+        silos,
+        rounds=6,
+        aggregation={"minSilos": 3, "roundDeadlineSeconds": 20},
     )
     out = tmp_path / "out"
     run = start_run(job, out)
