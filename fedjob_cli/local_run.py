@@ -8,6 +8,7 @@ resumes from its last checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -49,22 +50,40 @@ class Proc:
     exited_at: float | None = None
 
     def start(self) -> None:
+        self._sweep()  # what a crashed predecessor left behind (the ranks of a killed silo)
+        if self.log:
+            self.log.close()
         self.log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
-        self.popen = subprocess.Popen(self.argv, stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
+        # Its own process group, like a pod: stopping it reaches every process it started, and
+        # Ctrl-C reaches only `fedjob run`, which then stops the components in order.
+        self.popen = subprocess.Popen(
+            self.argv, stdout=self.log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+        )
 
     def poll(self) -> int | None:
         return self.popen.poll() if self.popen else None
 
     def stop(self, timeout: float = 10) -> None:
         if self.popen and self.popen.poll() is None:
-            self.popen.terminate()
+            self._signal_group(signal.SIGTERM)
             try:
                 self.popen.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.popen.kill()
+                self._signal_group(signal.SIGKILL)
                 self.popen.wait()
+        self._sweep()
         if self.log:
             self.log.close()
+            self.log = None
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        if self.popen is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.popen.pid, sig)
+
+    def _sweep(self) -> None:
+        if self.popen is not None and self.popen.poll() is not None:
+            self._signal_group(signal.SIGKILL)
 
 
 @dataclass

@@ -32,7 +32,10 @@ from tests.conftest import LiveAggregator, job_doc
 from tests.test_aggregator_protocol import CHUNK, CODEC, header, messages, ones_like
 
 
-def write_job(tmp_path: Path, assets: Path, silos: list[str], **spec: Any) -> Path:
+def write_job(
+    tmp_path: Path, assets: Path, silos: list[str], processes: dict[str, int] | None = None, **spec: Any
+) -> Path:
+    procs = processes or {}
     doc = {
         "apiVersion": "fedjob.io/v1alpha1",
         "kind": "FederatedJob",
@@ -47,7 +50,10 @@ def write_job(tmp_path: Path, assets: Path, silos: list[str], **spec: Any) -> Pa
                 "lora": {"r": 4},
                 "deepspeed": {"zeroStage": 1},
             },
-            "silos": [{"name": s, "data": {"path": str(assets / "data" / s)}} for s in silos],
+            "silos": [
+                {"name": s, "data": {"path": str(assets / "data" / s)}, "processes": procs.get(s, 1)}
+                for s in silos
+            ],
             **spec,
         },
     }
@@ -213,6 +219,75 @@ def test_a_silo_killed_mid_round_is_left_out_and_rejoins_a_later_round(assets: P
     assert left_out and left_out[0]["num_participants"] == 3, history
     assert "unicode" in history[-1]["participants"], history
     assert "silo unicode exited with -9; restarting it" in (tmp_path / "run.log").read_text()
+
+
+def wait_for_rounds(run: subprocess.Popen[bytes], out: Path, n: int, log: Path) -> None:
+    end = time.time() + 300
+    while len(rounds_in(out)) < n:
+        assert time.time() < end and run.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_a_rank_that_dies_takes_its_silo_down_and_the_silo_is_retried(assets: Path, tmp_path: Path) -> None:
+    # The ranks meet in collectives: the survivor must not be left waiting for a dead peer.
+    job = write_job(
+        tmp_path,
+        assets,
+        ["code", "docs"],
+        processes={"code": 2},
+        rounds=6,
+        aggregation={"minSilos": 1, "roundDeadlineSeconds": 8},
+    )
+    out = tmp_path / "out"
+    run = start_run(job, out)
+    try:
+        wait_for_rounds(run, out, 1, tmp_path / "run.log")
+        silo = find_silo_process(run, "code")
+        assert silo is not None
+        ranks = [c for c in silo.children() if "--multiprocessing-fork" in c.cmdline()]
+        assert len(ranks) == 2, [r.cmdline() for r in ranks]
+        ranks[1].send_signal(signal.SIGKILL)
+        _, alive = psutil.wait_procs([silo, ranks[0]], timeout=30)
+        assert not alive, "the silo and its surviving rank must exit when a rank dies"
+        assert run.wait(600) == 0, (tmp_path / "run.log").read_text()[-3000:]
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert "exited with -9; stopping the silo's other ranks" in (out / "logs" / "silo-code.log").read_text()
+    assert "silo code exited with" in (tmp_path / "run.log").read_text()
+    history = rounds_in(out)
+    assert [r["round"] for r in history] == list(range(1, 7))
+    assert "code" in history[-1]["participants"], history
+
+
+@pytest.mark.slow
+def test_stopping_fedjob_run_stops_every_process_and_running_it_again_resumes(
+    assets: Path, tmp_path: Path
+) -> None:
+    job = write_job(tmp_path, assets, ["code", "docs"], processes={"code": 2}, rounds=8)
+    out = tmp_path / "out"
+    run = start_run(job, out)
+    try:
+        wait_for_rounds(run, out, 1, tmp_path / "run.log")
+        started = psutil.Process(run.pid).children(recursive=True)
+        assert len(started) >= 5, [p.cmdline() for p in started]  # aggregator, 2 silos, 2 ranks
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(60) == 1, (tmp_path / "run.log").read_text()[-3000:]
+    finally:
+        if run.poll() is None:
+            run.kill()
+    _, alive = psutil.wait_procs(started, timeout=30)
+    assert not alive, f"left running: {[p.cmdline() for p in alive]}"
+    assert "interrupted; stopping" in (tmp_path / "run.log").read_text()
+    done_before = len(rounds_in(out))
+    assert 1 <= done_before < 8
+
+    again = start_run(job, out)
+    assert again.wait(600) == 0, (tmp_path / "run.log").read_text()[-3000:]
+    assert [r["round"] for r in rounds_in(out)] == list(range(1, 9))
+    log = (out / "logs" / "aggregator.log").read_text()
+    assert f"resuming after round {done_before}" in log, log[-2000:]
 
 
 def test_a_stuck_upload_cannot_hold_the_round_past_its_deadline(tmp_path: Path, small_state) -> None:  # type: ignore[no-untyped-def]

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import multiprocessing.connection as mp_connection
 import os
+import signal
 import socket
 import time
 import zlib
 from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
@@ -58,11 +61,47 @@ def run_silo(job: FederatedJob, opts: WorkerOptions) -> int:
     ]
     for p in procs:
         p.start()
-    codes = []
-    for p in procs:
-        p.join()
-        codes.append(p.exitcode or 0)
-    return max(codes, key=abs)
+    return _supervise_ranks(procs)
+
+
+def _supervise_ranks(procs: list[BaseProcess]) -> int:
+    """Wait for the ranks; one that fails takes the others down, and so does SIGTERM/SIGINT.
+
+    The ranks meet in collectives, so a rank killed by the OOM killer would leave the others
+    blocked for good: the silo would hang instead of failing and being retried. And without
+    this, a SIGTERM to the silo would kill only this parent and orphan its ranks.
+    """
+    stopping: list[int] = []
+
+    def stop(signum: int, frame: object) -> None:
+        stopping.append(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        running = list(procs)
+        while running and not stopping:
+            mp_connection.wait([p.sentinel for p in running], timeout=0.5)
+            running = [p for p in running if p.exitcode is None]
+            failed = [p for p in procs if p.exitcode not in (None, 0)]
+            if failed and running:
+                log.error(
+                    "%s exited with %s; stopping the silo's other ranks", failed[0].name, failed[0].exitcode
+                )
+                break
+        for p in procs:
+            if p.exitcode is None:
+                p.terminate()
+        for p in procs:
+            p.join(10)
+            if p.exitcode is None:
+                p.kill()
+                p.join()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stopping:
+        return 128 + stopping[0]
+    return max((p.exitcode or 0 for p in procs), key=abs)
 
 
 def _rank_entry(job: FederatedJob, opts: WorkerOptions, rank: int, world: int, port: int) -> None:
