@@ -12,6 +12,12 @@ table as markdown and a plot of eval loss per round.
 
     .venv/bin/python bench/learning_quality.py            # about 10 min on 2 CPU cores (11 jobs)
     .venv/bin/python bench/learning_quality.py --rounds 4 --algorithms fedavg,scaffold   # a quick look
+    .venv/bin/python bench/learning_quality.py --seeds 0,1,2 --alphas 0.1   # mean and spread over 3 splits
+
+With several seeds, each seed draws its own Dirichlet split and its own training
+randomness (the model and the eval set stay the same); the table gives the mean
+and standard deviation over seeds and, per method, on how many seeds it ended
+below FedAvg on the same split.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,7 +45,7 @@ ALGORITHMS = "fedavg,fedprox,scaffold,fednova,fedadam"
 
 
 def job_document(
-    args: argparse.Namespace, name: str, silos: list[dict[str, Any]], rounds: int, **agg: Any
+    args: argparse.Namespace, name: str, silos: list[dict[str, Any]], rounds: int, seed: int, **agg: Any
 ) -> dict[str, Any]:
     return {
         "apiVersion": "fedjob.io/v1alpha1",
@@ -54,7 +61,7 @@ def job_document(
                 "learningRate": args.lr,
                 "weightDecay": 0.0,
                 "optimizer": args.optimizer,
-                "seed": args.seed,
+                "seed": seed,
                 "deepspeed": {"zeroStage": 1},
             },
             "silos": silos,
@@ -131,7 +138,10 @@ def main() -> None:
     p.add_argument("--algorithms", default=ALGORITHMS)
     p.add_argument("--source-bytes", type=int, default=150_000)
     p.add_argument("--eval-batches", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the model's and the centralised run's seed")
+    p.add_argument(
+        "--seeds", default=None, help="comma-separated split and training seeds (default: --seed alone)"
+    )
     p.add_argument("--pretrain-steps", type=int, default=300, help="0: start from random weights")
     p.add_argument(
         "--work",
@@ -142,6 +152,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "learning-quality")
     p.add_argument("--fresh", action="store_true", help="rerun jobs whose results are cached in --work")
     args = p.parse_args()
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -172,56 +183,59 @@ def main() -> None:
     total_steps = args.rounds * args.steps_per_round
     print(f"centralised: {total_steps} steps of {args.batch}x{args.seq} tokens on the union", flush=True)
     central_doc = job_document(
-        args, "central", [{"name": "union", "data": {"path": str(union)}, "localSteps": total_steps}], 1
+        args,
+        "central",
+        [{"name": "union", "data": {"path": str(union)}, "localSteps": total_steps}],
+        1,
+        args.seed,
     )
     central = run_job(args, central_doc, "centralised")[-1]["eval_loss"]
 
     algorithms = args.algorithms.split(",")
-    results: dict[str, dict[float, list[dict[str, Any]]]] = {a: {} for a in algorithms}
-    splits = {}
+    # results[algorithm][alpha]: one round-by-round history per seed.
+    results: dict[str, dict[float, list[list[dict[str, Any]]]]] = {a: {} for a in algorithms}
+    splits: dict[float, list[list[int]]] = {}
     for alpha in (float(a) for a in args.alphas.split(",")):
-        folder = args.work / f"split-alpha{alpha}"
-        summary = split_sources(sources, args.silos, folder, alpha=alpha, seed=args.seed)
-        sizes = [sum(summary.bytes[s].values()) for s in summary.silos]
-        steps = steps_per_silo(sizes, args.steps_per_round)
-        splits[alpha] = (summary, steps)
-        print(
-            f"\nalpha {alpha}: bytes per silo and source, local steps per round {steps}\n{summary.table()}",
-            flush=True,
-        )
-        silos = [
-            {"name": s, "data": {"path": str(folder / s)}, "localSteps": k}
-            for s, k in zip(summary.silos, steps, strict=True)
-        ]
-        for algorithm in algorithms:
-            agg: dict[str, Any] = {"algorithm": algorithm}
-            if algorithm == "fedprox":
-                agg["proximalMu"] = args.mu
-            if algorithm in ("fedadam", "fedyogi", "fedadagrad"):
-                agg["serverLearningRate"] = args.server_lr
-            doc = job_document(args, f"{algorithm}-{alpha}".replace(".", "-"), silos, args.rounds, **agg)
-            results[algorithm][alpha] = run_job(args, doc, f"{algorithm}-alpha{alpha}")
+        splits[alpha] = []
+        for seed in seeds:
+            # Seed 0 keeps the names of the single-seed runs, so their cached results are reused.
+            tag = f"alpha{alpha}" + (f"-seed{seed}" if seed else "")
+            folder = args.work / f"split-{tag}"
+            summary = split_sources(sources, args.silos, folder, alpha=alpha, seed=seed)
+            sizes = [sum(summary.bytes[s].values()) for s in summary.silos]
+            steps = steps_per_silo(sizes, args.steps_per_round)
+            splits[alpha].append(steps)
+            print(
+                f"\nalpha {alpha}, seed {seed}: bytes per silo and source, local steps per round {steps}\n"
+                f"{summary.table()}",
+                flush=True,
+            )
+            silos = [
+                {"name": s, "data": {"path": str(folder / s)}, "localSteps": k}
+                for s, k in zip(summary.silos, steps, strict=True)
+            ]
+            for algorithm in algorithms:
+                agg: dict[str, Any] = {"algorithm": algorithm}
+                if algorithm == "fedprox":
+                    agg["proximalMu"] = args.mu
+                if algorithm in ("fedadam", "fedyogi", "fedadagrad"):
+                    agg["serverLearningRate"] = args.server_lr
+                name = f"{algorithm}-{alpha}".replace(".", "-")
+                doc = job_document(args, name, silos, args.rounds, seed, **agg)
+                results[algorithm].setdefault(alpha, []).append(run_job(args, doc, f"{algorithm}-{tag}"))
 
     alphas = list(splits)
-    head = "| method | " + " | ".join(f"eval loss, alpha {a} | ratio to centralised" for a in alphas) + " |"
-    rule = "|---|" + "---|---|" * len(alphas)
-    rows = ["| centralised | " + " | ".join(f"{central:.4f} | 1.000" for _ in alphas) + " |"]
-    for algorithm in algorithms:
-        cells = []
-        for a in alphas:
-            final = results[algorithm][a][-1]["eval_loss"]
-            cells.append(f"{final:.4f} | {final / central:.3f}")
-        rows.append(f"| {algorithm} | " + " | ".join(cells) + " |")
-    table = "\n".join([head, rule, *rows])
+    table = results_table(results, central, alphas, seeds)
     print("\n" + table)
     setup = (
         f"{args.rounds} rounds, {args.silos} silos, {args.steps_per_round} local steps per round in all "
         f"(per silo, in proportion to its data: "
-        + "; ".join(f"alpha {a}: {splits[a][1]}" for a in alphas)
+        + "; ".join(f"alpha {a}: {', '.join(map(str, splits[a]))}" for a in alphas)
         + f"), batch {args.batch} x {args.seq} bytes, {args.optimizer} lr {args.lr}, full fine-tuning of a "
         f"byte-level GPT-2 (128 wide, 2 layers; {args.pretrain_steps} steps of pre-training on docstrings), "
         f"ZeRO-1, FedProx mu {args.mu}, "
-        f"FedAdam server lr {args.server_lr}, eval on {args.eval_batches} held-out batches (3 sources)"
+        f"FedAdam server lr {args.server_lr}, eval on {args.eval_batches} held-out batches (3 sources), "
+        f"seeds {', '.join(map(str, seeds))}"
     )
     (args.out / "table.md").write_text(table + "\n\n" + setup + "\n")
     (args.out / "results.json").write_text(
@@ -229,11 +243,15 @@ def main() -> None:
             {
                 "setup": vars(args) | {"work": str(args.work), "out": str(args.out)},
                 "centralised_eval_loss": central,
+                "seeds": seeds,
                 "eval_loss": {
-                    alg: {str(a): [r["eval_loss"] for r in runs] for a, runs in by_alpha.items()}
+                    alg: {
+                        str(a): [[r["eval_loss"] for r in runs] for runs in per_seed]
+                        for a, per_seed in by_alpha.items()
+                    }
                     for alg, by_alpha in results.items()
                 },
-                "local_steps": {str(a): s for a, (_, s) in splits.items()},
+                "local_steps": {str(a): s for a, s in splits.items()},
             },
             indent=1,
         )
@@ -242,8 +260,50 @@ def main() -> None:
     print(f"\n{setup}\nwrote {args.out / 'table.md'}, {args.out / 'eval-loss.png'}")
 
 
+def results_table(
+    results: dict[str, dict[float, list[list[dict[str, Any]]]]],
+    central: float,
+    alphas: list[float],
+    seeds: list[int],
+) -> str:
+    """Final held-out eval loss per method; over several seeds, mean +- sd and wins against FedAvg."""
+    several = len(seeds) > 1
+    cols = ["eval loss", "ratio to centralised"] + (["below FedAvg"] if several else [])
+    head = (
+        "| method | "
+        + " | ".join(f"{c}, alpha {a}" if i == 0 else c for a in alphas for i, c in enumerate(cols))
+        + " |"
+    )
+    rule = "|---|" + "---|" * len(cols) * len(alphas)
+    rows = [
+        "| centralised | "
+        + " | ".join(" | ".join([f"{central:.4f}", "1.000"] + (["-"] if several else [])) for _ in alphas)
+        + " |"
+    ]
+    for algorithm, by_alpha in results.items():
+        cells = []
+        for a in alphas:
+            final = np.array([runs[-1]["eval_loss"] for runs in by_alpha[a]])
+            mean = float(final.mean())
+            loss = f"{mean:.4f} +- {final.std(ddof=1):.4f}" if several else f"{mean:.4f}"
+            cells += [loss, f"{mean / central:.3f}"]
+            if several:
+                fedavg = np.array([runs[-1]["eval_loss"] for runs in results.get("fedavg", {}).get(a, [])])
+                wins = (
+                    "-"
+                    if algorithm == "fedavg" or len(fedavg) != len(final)
+                    else (f"{int((final < fedavg).sum())}/{len(final)}")
+                )
+                cells.append(wins)
+        rows.append(f"| {algorithm} | " + " | ".join(cells) + " |")
+    return "\n".join([head, rule, *rows])
+
+
 def plot(
-    results: dict[str, dict[float, list[dict[str, Any]]]], central: float, alphas: list[float], path: Path
+    results: dict[str, dict[float, list[list[dict[str, Any]]]]],
+    central: float,
+    alphas: list[float],
+    path: Path,
 ) -> None:
     import matplotlib
 
@@ -254,10 +314,13 @@ def plot(
     axes = axes if len(alphas) > 1 else [axes]
     for ax, a in zip(axes, alphas, strict=True):
         for algorithm, by_alpha in results.items():
-            runs = by_alpha[a]
-            ax.plot([r["round"] for r in runs], [r["eval_loss"] for r in runs], marker="o", label=algorithm)
+            # The mean over seeds, round by round.
+            curves = np.array([[r["eval_loss"] for r in runs] for runs in by_alpha[a]])
+            ax.plot(range(1, curves.shape[1] + 1), curves.mean(axis=0), marker="o", label=algorithm)
         ax.axhline(central, color="k", linestyle="--", label="centralised (same steps)")
-        ax.set_title(f"Dirichlet alpha {a}")
+        ax.set_title(
+            f"Dirichlet alpha {a}" + (f", mean of {len(by_alpha[a])} seeds" if len(by_alpha[a]) > 1 else "")
+        )
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("held-out eval loss (nats/byte)")
