@@ -172,6 +172,13 @@ def test_a_silo_that_stalls_past_the_deadline_is_left_out_and_rejoins(assets: Pa
     assert "unicode" in history[-1]["participants"], "the silo rejoins after the stall"
 
 
+def wait_for_rounds(run: subprocess.Popen[bytes], out: Path, n: int, log: Path) -> None:
+    end = time.time() + 300
+    while len(rounds_in(out)) < n:
+        assert time.time() < end and run.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.05)
+
+
 def find_silo_process(run: subprocess.Popen[bytes], silo: str) -> psutil.Process | None:
     for child in psutil.Process(run.pid).children(recursive=True):
         cmd = child.cmdline()
@@ -201,10 +208,7 @@ def test_a_silo_killed_mid_round_is_left_out_and_rejoins_a_later_round(assets: P
     out = tmp_path / "out"
     run = start_run(job, out)
     try:
-        end = time.time() + 300
-        while len(rounds_in(out)) < 1:
-            assert time.time() < end and run.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
-            time.sleep(0.05)
+        wait_for_rounds(run, out, 1, tmp_path / "run.log")
         victim = find_silo_process(run, "unicode")
         assert victim is not None
         killed_after = len(rounds_in(out))
@@ -219,13 +223,6 @@ def test_a_silo_killed_mid_round_is_left_out_and_rejoins_a_later_round(assets: P
     assert left_out and left_out[0]["num_participants"] == 3, history
     assert "unicode" in history[-1]["participants"], history
     assert "silo unicode exited with -9; restarting it" in (tmp_path / "run.log").read_text()
-
-
-def wait_for_rounds(run: subprocess.Popen[bytes], out: Path, n: int, log: Path) -> None:
-    end = time.time() + 300
-    while len(rounds_in(out)) < n:
-        assert time.time() < end and run.poll() is None, log.read_text()[-3000:]
-        time.sleep(0.05)
 
 
 @pytest.mark.slow
