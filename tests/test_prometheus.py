@@ -79,6 +79,17 @@ def wait_ready(port: int, prom: subprocess.Popen[bytes], timeout: float = 120) -
         time.sleep(0.2)
 
 
+def describe(p: psutil.Process) -> str:
+    try:
+        return f"{p.pid} {p.status()} {' '.join(p.cmdline())}"
+    except psutil.Error as e:
+        return f"{p.pid} {e!r}"
+
+
+def component_logs(out: Path) -> str:
+    return "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted((out / "logs").glob("*.log")))
+
+
 def api(port: int, path: str, **params: Any) -> Any:
     url = f"http://127.0.0.1:{port}/api/v1/{path}?{urllib.parse.urlencode(params)}"
     with urllib.request.urlopen(url, timeout=10) as r:
@@ -173,17 +184,21 @@ def test_every_dashboard_and_alert_query_returns_data_from_a_real_scrape(
         # SIGTERM stops `fedjob run` and every process it started: nothing is left behind.
         children = psutil.Process(run.pid).children(recursive=True)
         assert len(children) >= 3, children
+        sent = time.time()
         run.send_signal(signal.SIGTERM)
         try:
             rc = run.wait(60)
         except subprocess.TimeoutExpired:
             rc = None
+        _, alive = psutil.wait_procs(children, timeout=30)
         # The whole log: on a fast machine the round table printed after the message is longer than any tail.
         log = (tmp_path / "run.log").read_text()
-        assert rc == 1, f"`fedjob run` exit status after SIGTERM: {rc}\n{log[-3000:]}"
-        _, alive = psutil.wait_procs(children, timeout=30)
-        assert not alive, f"left running after SIGTERM: {[p.cmdline() for p in alive]}"
-        assert "interrupted; stopping" in log, log[-3000:]
+        after_sigterm = (
+            f"exit status {rc} after {time.time() - sent:.1f} s; "
+            f"still running: {[describe(p) for p in alive]}\n"
+            f"{log[-3000:]}\n{component_logs(out)}"
+        )
+        assert rc == 1 and not alive and "interrupted; stopping" in log, after_sigterm
     finally:
         for p in (run, prom):
             if p is not None and p.poll() is None:
