@@ -251,3 +251,30 @@ def test_stale_rounds_are_refused_after_a_round_closes(live_aggregator: LiveAggr
     assert err.details().startswith("stale_round")
     err = refused(lambda: list(agg.stub("silo-alpha").DownloadGlobal(pb.DownloadRequest(round=1))))
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_a_late_silo_asking_for_a_round_that_just_closed_waits_for_the_next(
+    live_aggregator: LiveAggregator, small_state
+) -> None:  # type: ignore[no-untyped-def]
+    # A restarted silo still loading its model can be handed a round that its deadline closes before
+    # the download: that is a race, not a bad update, and the silo must take the next round, not crash.
+    from fedjob_worker.client import AggregatorClient, RoundClosed
+
+    agg = live_aggregator
+    for silo in ("alpha", "beta"):
+        assert agg.stub(f"silo-{silo}").UploadUpdate(messages(agg, ones_like(small_state))).accepted
+    wait_for_round_close(agg)
+    late = AggregatorClient(agg.address, agg.certs, "alpha", CHUNK)
+    download = Codec.from_spec("none", True)
+    try:
+        with pytest.raises(RoundClosed, match="stale_round: round 1 is closed; round 2 is open"):
+            late.download(1, agg.coord.manifest, download, CHUNK)
+        assert agg.coord.rejected_total == 0, "a late download is not a rejected update"
+        task = late.next_task(0)
+        assert (task.state, task.round) == (pb.Task.TRAIN, 2)
+        state, _ = late.download(2, agg.coord.manifest, download, CHUNK)
+        assert_global_moved_by(agg, small_state, 1.0)
+        for k, v in state.items():
+            np.testing.assert_allclose(v, agg.coord.global_state[k], atol=1e-6)
+    finally:
+        late.close()

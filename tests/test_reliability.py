@@ -101,16 +101,20 @@ def test_the_aggregator_killed_ten_times_at_random_moments_still_finishes_every_
                 continue
             if kills:
                 resume_seconds.append(info["started"] - kills[-1]["killed"])
+            # Each wait ends early when a round closes, so a fast machine (0.2 s rounds) cannot finish
+            # the job between kills: every kill lands at most one round after the one it waits for.
+            done = len(rounds_in(out))
             if len(kills) % 2 == 0:
                 # Mid-job: once a round has closed since the last kill, kill it at a random
                 # point of the next round (mid-download, mid-training, mid-upload, mid-checkpoint).
                 before = kills[-1]["rounds_done"] if kills else 0
                 while len(rounds_in(out)) <= before and run.poll() is None:
-                    time.sleep(0.05)
-                time.sleep(rng.uniform(0.0, 0.6))
+                    time.sleep(0.02)
+                done = len(rounds_in(out))
+                wait_for_a_round_or(out, done, rng.uniform(0.0, 0.6))
             else:
                 # During start-up and the silos' reconnection.
-                time.sleep(rng.uniform(0.0, 2.5))
+                wait_for_a_round_or(out, done, rng.uniform(0.0, 2.5))
             try:
                 os.kill(info["pid"], signal.SIGKILL)
             except ProcessLookupError:
@@ -170,6 +174,12 @@ def test_a_silo_that_stalls_past_the_deadline_is_left_out_and_rejoins(assets: Pa
     missed = [r for r in history if r["missing"] == ["unicode"]]
     assert missed and missed[0]["num_participants"] == 3, history
     assert "unicode" in history[-1]["participants"], "the silo rejoins after the stall"
+
+
+def wait_for_a_round_or(out: Path, done: int, seconds: float) -> None:
+    end = time.time() + seconds
+    while time.time() < end and len(rounds_in(out)) <= done:
+        time.sleep(0.02)
 
 
 def wait_for_rounds(run: subprocess.Popen[bytes], out: Path, n: int, log: Path) -> None:

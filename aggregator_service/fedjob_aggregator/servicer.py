@@ -95,6 +95,11 @@ class FederatedTrainingServicer(pb_grpc.FederatedTrainingServicer):
         try:
             chunks = self.coord.download(silo, request.round)
         except Refused as exc:
+            if exc.reason == "stale_round":
+                # A late silo asking for the round that just closed: a race, not a bad update, so it
+                # is not counted among the rejections; the silo asks for the next task.
+                log.info("%s asked for a closed round: %s", silo, exc.detail)
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{exc.reason}: {exc.detail}")
             self._refuse(context, silo, exc)
             return
         sent = 0

@@ -30,6 +30,10 @@ class UpdateRefused(Exception):
     """The aggregator refused this update for good (bad content, closed round, replay)."""
 
 
+class RoundClosed(Exception):
+    """The round this silo was given closed (deadline, or job over) before it fetched the model."""
+
+
 @dataclass
 class Backoff:
     initial: float = 0.5
@@ -109,7 +113,17 @@ class AggregatorClient:
             state = assemble(self.stub.DownloadGlobal(pb.DownloadRequest(round=round_number)), validator)
             return state, validator.payload_bytes
 
-        return self._retry("download", once)
+        try:
+            return self._retry("download", once)
+        except grpc.RpcError as exc:
+            # A silo that starts late (a restarted pod still loading its model) can ask for a round
+            # the deadline has just closed: that is a reason to wait for the next, not to crash.
+            details = exc.details() or ""
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION and details.startswith(
+                ("stale_round", "no_open_round")
+            ):
+                raise RoundClosed(details) from None
+            raise
 
     def upload(
         self,

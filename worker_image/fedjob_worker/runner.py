@@ -114,7 +114,7 @@ def _rank_entry(job: FederatedJob, opts: WorkerOptions, rank: int, world: int, p
 def _rank_main(job: FederatedJob, opts: WorkerOptions, rank: int, world: int, port: int) -> int:
     import torch.distributed as dist
 
-    from fedjob_worker.client import AggregatorClient, UpdateRefused
+    from fedjob_worker.client import AggregatorClient, RoundClosed, UpdateRefused
     from fedjob_worker.trainer import LocalTrainer, init_distributed
 
     init_distributed(rank, world, port)
@@ -160,12 +160,21 @@ def _rank_main(job: FederatedJob, opts: WorkerOptions, rank: int, world: int, po
         glob: list[Any] = [None]
         if client is not None:
             started = time.time()
-            glob[0], nbytes = client.download(
-                round_number, download_manifest, download_codec, comp.chunk_bytes
-            )
-            log.info("round %d: downloaded %d bytes in %.2f s", round_number, nbytes, time.time() - started)
+            try:
+                glob[0], nbytes = client.download(
+                    round_number, download_manifest, download_codec, comp.chunk_bytes
+                )
+                log.info(
+                    "round %d: downloaded %d bytes in %.2f s", round_number, nbytes, time.time() - started
+                )
+            except RoundClosed as exc:
+                log.info(
+                    "round %d closed before this silo could start it (%s); asking again", round_number, exc
+                )
         dist.broadcast_object_list(glob, src=0)
         received = glob[0]
+        if received is None:  # every rank skips the closed round together
+            continue
         global_state = {n: received[n] for n in manifest}
         extras = {n: v for n, v in received.items() if n not in manifest}
         started = time.time()
