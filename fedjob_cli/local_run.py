@@ -81,9 +81,20 @@ class Proc:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.popen.pid, sig)
 
-    def _sweep(self) -> None:
-        if self.popen is not None and self.popen.poll() is not None:
-            self._signal_group(signal.SIGKILL)
+    def _sweep(self, grace: float = 3.0) -> None:
+        """Kill what outlived the group's leader (a dead silo's ranks), after a short grace: the
+        leader's exit is what tells multiprocessing's resource tracker to unlink the semaphores it
+        left in /dev/shm, and killing it mid-way leaks them."""
+        if self.popen is None or self.popen.poll() is None:
+            return
+        end = time.time() + grace
+        while time.time() < end:
+            try:
+                os.killpg(self.popen.pid, 0)
+            except (ProcessLookupError, PermissionError):
+                return  # the group is empty
+            time.sleep(0.1)
+        self._signal_group(signal.SIGKILL)
 
 
 @dataclass
