@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -72,7 +71,7 @@ def wait_ready(port: int, prom: subprocess.Popen[bytes], timeout: float = 120) -
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=5) as r:
                 if r.status == 200:
                     return
-        except (urllib.error.URLError, ConnectionError):
+        except OSError:  # refused, reset, HTTP 503 (URLError) or a read timeout while it starts
             pass
         assert prom.poll() is None, "prometheus exited during start-up"
         assert time.time() < end, f"prometheus was not ready within {timeout} s"
