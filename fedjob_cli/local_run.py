@@ -33,6 +33,7 @@ from fedjob.spec import FederatedJob
 from fedjob.tls import write_job_certs
 from fedjob.v1 import fedjob_pb2 as pb
 from fedjob.v1 import fedjob_pb2_grpc as pb_grpc
+from fedjob_cli.parent_watch import ENV as PARENT_ENV
 
 DEFAULT_MAX_RESTARTS = 10
 
@@ -151,9 +152,10 @@ class LocalRun:
         # OpenMP thread per core and a round takes ten times longer.
         procs = sum(s.processes for s in self.job.spec.silos)
         threads = str(max(1, (os.cpu_count() or 1) // procs))
+        watched = {PARENT_ENV: str(os.getpid())}  # they stop if we are killed outright
         for w in self.workers:
-            w.env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-        self.aggregator.env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            w.env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, **watched}
+        self.aggregator.env = {**os.environ, "OMP_NUM_THREADS": "1", **watched}
         ca, cert, key = self.certs.load("observer")
         creds = grpc.ssl_channel_credentials(ca, key, cert)
         self.channel = grpc.secure_channel(f"127.0.0.1:{self.port}", creds)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from fedjob.spec import SpecError, load_job, local_path_problems
+from fedjob_cli.parent_watch import watch_parent_from_env
 
 DEFAULT_CACHE = Path(os.environ.get("FEDJOB_CACHE", Path.home() / ".cache" / "fedjob"))
 
@@ -247,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level)
+    watch_parent_from_env()
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(DEFAULT_CACHE / "torch_extensions"))
     try:
         return int(args.fn(args))

@@ -3,6 +3,7 @@ torn checkpoint writes, concurrent streams, and a fuzzed upload stream that must
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -295,6 +296,33 @@ def test_stopping_fedjob_run_stops_every_process_and_running_it_again_resumes(
     assert [r["round"] for r in rounds_in(out)] == list(range(1, 9))
     log = (out / "logs" / "aggregator.log").read_text()
     assert f"resuming after round {done_before}" in log, log[-2000:]
+
+
+@pytest.mark.slow
+def test_fedjob_run_killed_outright_leaves_no_orphans(assets: Path, tmp_path: Path) -> None:
+    # SIGKILL cannot be caught: each component notices its parent is gone and stops itself.
+    # Rounds enough that orphans would still be training long after the check (a round can take 0.2 s).
+    job = write_job(tmp_path, assets, ["code", "docs"], processes={"code": 2}, rounds=1000)
+    out = tmp_path / "out"
+    run = start_run(job, out)
+    started: list[psutil.Process] = []
+    alive: list[psutil.Process] = []
+    try:
+        wait_for_rounds(run, out, 1, tmp_path / "run.log")
+        started = psutil.Process(run.pid).children(recursive=True)
+        assert len(started) >= 5, [p.cmdline() for p in started]  # aggregator, 2 silos, 2 ranks
+        run.kill()
+        run.wait(10)
+        _, alive = psutil.wait_procs(started, timeout=30)
+        assert not alive, f"orphans: {[p.cmdline() for p in alive]}"
+    finally:
+        for p in [run, *alive]:
+            with contextlib.suppress(psutil.Error, ProcessLookupError):
+                p.kill()
+    logs = {p.name: p.read_text() for p in (out / "logs").glob("*.log")}
+    for name in ("aggregator.log", "silo-code.log", "silo-docs.log"):
+        assert f"fedjob run (pid {run.pid}) is gone; stopping" in logs[name], logs[name][-2000:]
+    assert len(rounds_in(out)) < 1000
 
 
 def test_a_stuck_upload_cannot_hold_the_round_past_its_deadline(tmp_path: Path, small_state) -> None:  # type: ignore[no-untyped-def]
