@@ -273,7 +273,8 @@ def test_a_rank_that_dies_takes_its_silo_down_and_the_silo_is_retried(assets: Pa
 def test_stopping_fedjob_run_stops_every_process_and_running_it_again_resumes(
     assets: Path, tmp_path: Path
 ) -> None:
-    job = write_job(tmp_path, assets, ["code", "docs"], processes={"code": 2}, rounds=8)
+    # Rounds to spare: a few more can close (0.2 s each on a fast machine) while the silos stop.
+    job = write_job(tmp_path, assets, ["code", "docs"], processes={"code": 2}, rounds=12)
     out = tmp_path / "out"
     run = start_run(job, out)
     try:
@@ -289,11 +290,11 @@ def test_stopping_fedjob_run_stops_every_process_and_running_it_again_resumes(
     assert not alive, f"left running: {[p.cmdline() for p in alive]}"
     assert "interrupted; stopping" in (tmp_path / "run.log").read_text()
     done_before = len(rounds_in(out))
-    assert 1 <= done_before < 8
+    assert 1 <= done_before < 12
 
     again = start_run(job, out)
     assert again.wait(600) == 0, (tmp_path / "run.log").read_text()[-3000:]
-    assert [r["round"] for r in rounds_in(out)] == list(range(1, 9))
+    assert [r["round"] for r in rounds_in(out)] == list(range(1, 13))
     log = (out / "logs" / "aggregator.log").read_text()
     assert f"resuming after round {done_before}" in log, log[-2000:]
 
