@@ -452,9 +452,9 @@ class FakeKubelet:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(run.proc.pid, signal.SIGKILL)
 
-    def logs(self, pod_prefix: str) -> str:
+    def logs(self, pod_prefix: str, tail: int = 4000) -> str:
         return "\n".join(
-            f"--- {r.name}\n{r.log_path.read_text(errors='replace')[-4000:]}"
+            f"--- {r.name}\n{r.log_path.read_text(errors='replace')[-tail:]}"
             for r in self.pods.values()
             if r.name.startswith(pod_prefix) and r.log_path.exists()
         )

@@ -52,6 +52,9 @@ def test_the_k8s_quickstart_trains_to_succeeded(
     assert status["progress"] == "3/3"
     assert status["lastRound"]["participants"] == 3 and status["lastRound"]["evalLoss"] is not None
     assert {s["name"] for s in status["silos"]} == {"code", "docs", "unicode"}
+    # The docs silo asks for two processes: both ranks trained every round inside its one Pod.
+    docs = kubelet.logs("quickstart-silo-docs", tail=1 << 20)
+    assert all(f"rank1 fedjob.worker INFO round {n}: 20 local steps" in docs for n in (1, 2, 3)), docs[-4000:]
     evs = events(namespace, "quickstart")
     covered: list[int] = []
     for _, reason, message in evs:  # "round 2/3: ..." or "rounds 1-2/3: ..."
