@@ -88,6 +88,7 @@ class LiveAggregator:
     certs: CertFiles
     address: str
     metrics: AggregatorMetrics
+    server: grpc.Server
 
     def channel(self, who: str, certs: CertFiles | None = None) -> grpc.Channel:
         ca, cert, key = (certs or self.certs).load(who)
@@ -111,7 +112,7 @@ def live_aggregator(tmp_path: Path, small_state: dict[str, np.ndarray]) -> Itera
     loop = threading.Thread(target=coord.run, args=(stop,), daemon=True)
     loop.start()
     try:
-        yield LiveAggregator(job, coord, certs, f"127.0.0.1:{port}", metrics)
+        yield LiveAggregator(job, coord, certs, f"127.0.0.1:{port}", metrics, server)
     finally:
         stop.set()
         loop.join(5)

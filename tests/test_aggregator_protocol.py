@@ -6,6 +6,9 @@ state, so every protocol rule is checked without training anything.
 
 from __future__ import annotations
 
+import logging
+import re
+import threading
 import time
 import uuid
 
@@ -278,3 +281,36 @@ def test_a_late_silo_asking_for_a_round_that_just_closed_waits_for_the_next(
             np.testing.assert_allclose(v, agg.coord.global_state[k], atol=1e-6)
     finally:
         late.close()
+
+
+def test_a_silo_waiting_on_an_aggregator_that_shuts_down_reconnects_instead_of_failing(
+    live_aggregator: LiveAggregator, caplog: pytest.LogCaptureFixture
+) -> None:
+    # SIGTERM to the aggregator (a rolling update, a drained node) cancels the silos' long polls; the
+    # successor resumes from the checkpoint, so a silo must keep trying as it does after a crash.
+    from fedjob_worker.client import AggregatorClient, Backoff
+
+    agg = live_aggregator
+    client = AggregatorClient(
+        agg.address, agg.certs, "alpha", CHUNK, backoff=Backoff(initial=0.1, maximum=0.2, give_up_after=3)
+    )
+    failures: list[grpc.RpcError] = []
+
+    def wait_for_round_2() -> None:
+        try:
+            client.next_task(1)  # a long poll: round 1 is still open
+        except grpc.RpcError as exc:
+            failures.append(exc)
+
+    waiter = threading.Thread(target=wait_for_round_2)
+    with caplog.at_level(logging.INFO, logger="fedjob.worker"):
+        waiter.start()
+        time.sleep(0.5)
+        agg.server.stop(grace=0.2).wait()
+        waiter.join(20)
+    client.close()
+    assert not waiter.is_alive()
+    # gRPC reports the shutdown as CANCELLED or UNAVAILABLE depending on timing; both are retried.
+    assert re.search(r"task: (CANCELLED|UNAVAILABLE \(Cancelling all calls\))", caplog.text), caplog.text
+    # It kept retrying (nobody came back here) and gave up only when its patience ran out.
+    assert [f.code() for f in failures] == [grpc.StatusCode.UNAVAILABLE]

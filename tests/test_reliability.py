@@ -320,9 +320,9 @@ def test_fedjob_run_killed_outright_leaves_no_orphans(assets: Path, tmp_path: Pa
         for p in [run, *alive]:
             with contextlib.suppress(psutil.Error, ProcessLookupError):
                 p.kill()
-    logs = {p.name: p.read_text() for p in (out / "logs").glob("*.log")}
-    for name in ("aggregator.log", "silo-code.log", "silo-docs.log"):
-        assert f"fedjob run (pid {run.pid}) is gone; stopping" in logs[name], logs[name][-2000:]
+    # The aggregator noticed by itself; a silo may notice, or find its aggregator gone first.
+    log = (out / "logs" / "aggregator.log").read_text()
+    assert f"fedjob run (pid {run.pid}) is gone; stopping" in log, log[-2000:]
     assert len(rounds_in(out)) < 1000
 
 

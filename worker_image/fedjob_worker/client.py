@@ -23,7 +23,14 @@ log = logging.getLogger("fedjob.worker")
 T = TypeVar("T")
 
 # Worth trying again: the aggregator restarting, a network blip, a resumable upload.
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED}
+# CANCELLED: an aggregator shutting down (SIGTERM: a rolling update, a drained node) cancels the
+# calls in flight; its successor resumes from the checkpoint, so the silo reconnects like after a crash.
+RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.CANCELLED,
+}
 
 
 class UpdateRefused(Exception):
