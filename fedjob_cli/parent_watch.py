@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import threading
+import time
 
 ENV = "FEDJOB_PARENT_PID"
 log = logging.getLogger("fedjob.cli")
@@ -30,9 +31,8 @@ def watch_parent_from_env(interval: float = 1.0) -> threading.Thread | None:
 
 
 def _watch(parent: int, interval: float) -> None:
-    stop = threading.Event()
     # An orphan is re-parented (to init or a subreaper), so a changed parent pid means ours died.
     while os.getppid() == parent:
-        stop.wait(interval)
+        time.sleep(interval)
     log.warning("fedjob run (pid %d) is gone; stopping", parent)
     os.kill(os.getpid(), signal.SIGTERM)

@@ -56,10 +56,13 @@ class FederatedTrainingServicer(pb_grpc.FederatedTrainingServicer):
             )
         return ident.name
 
-    def _refuse(self, context: grpc.ServicerContext, silo: str, exc: Refused) -> Any:
-        self.metrics.rejected(silo, exc.reason)
-        self.coord.count_rejection(silo)
-        log.warning("refused %s: %s (%s)", silo, exc.reason, exc.detail)
+    def _refuse(self, context: grpc.ServicerContext, silo: str, exc: Refused, counted: bool = True) -> Any:
+        if counted:
+            self.metrics.rejected(silo, exc.reason)
+            self.coord.count_rejection(silo)
+            log.warning("refused %s: %s (%s)", silo, exc.reason, exc.detail)
+        else:
+            log.info("told %s: %s (%s)", silo, exc.reason, exc.detail)
         context.abort(getattr(grpc.StatusCode, exc.code), f"{exc.reason}: {exc.detail}")
 
     # ----- RPCs -------------------------------------------------------------------------------------
@@ -95,12 +98,9 @@ class FederatedTrainingServicer(pb_grpc.FederatedTrainingServicer):
         try:
             chunks = self.coord.download(silo, request.round)
         except Refused as exc:
-            if exc.reason == "stale_round":
-                # A late silo asking for the round that just closed: a race, not a bad update, so it
-                # is not counted among the rejections; the silo asks for the next task.
-                log.info("%s asked for a closed round: %s", silo, exc.detail)
-                context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{exc.reason}: {exc.detail}")
-            self._refuse(context, silo, exc)
+            # A late silo asking for the round that just closed: a race, not a bad update, so it
+            # is not counted among the rejections; the silo asks for the next task.
+            self._refuse(context, silo, exc, counted=exc.reason != "stale_round")
             return
         sent = 0
         for chunk in chunks:
