@@ -52,7 +52,7 @@ crds: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/compression.py
-	$(PY) bench/aggregator_memory.py
+	$(PY) bench/scale.py
 
 clean:
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

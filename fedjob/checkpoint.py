@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,14 +74,60 @@ class CheckpointStore:
         for old in sorted(self.dir.glob("global-*.npz"))[: -self.keep]:
             old.unlink(missing_ok=True)
 
+    def update_index(self, history: list[dict[str, Any]], extra: dict[str, Any]) -> None:
+        """Rewrite the history and extras of the current checkpoint, keeping its state file."""
+        index = json.loads(self.index.read_text())
+        index.update(history=history, extra=extra)
+        atomic_write(self.index, json.dumps(index, indent=1).encode())
+
     def load(self) -> Checkpoint | None:
         if not self.index.exists():
             return None
         index = json.loads(self.index.read_text())
         with np.load(self.dir / index["file"]) as z:
-            arrays = {k: z[k].astype(np.float32) for k in z.files}
+            # One array at a time, never a second copy (astype(copy=False) keeps float32 as read).
+            arrays = {k: z[k].astype(np.float32, copy=False) for k in z.files}
         state = {k: v for k, v in arrays.items() if not k.startswith(STRATEGY_PREFIX)}
         strategy = {k[len(STRATEGY_PREFIX) :]: v for k, v in arrays.items() if k.startswith(STRATEGY_PREFIX)}
         return Checkpoint(
             int(index["round"]), state, list(index["history"]), dict(index.get("extra", {})), strategy
         )
+
+
+class CheckpointWriter:
+    """Writes checkpoints on a background thread, one at a time.
+
+    `np.savez` streams each array to the file in 16 MiB pieces, so a write needs
+    no second copy of the model; the caller promises not to modify the arrays of
+    a submitted checkpoint until `wait()` returns (the aggregator's next global
+    model lives in other buffers, and it waits before it reuses these).
+    """
+
+    def __init__(self, store: CheckpointStore) -> None:
+        self.store = store
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, ckpt: Checkpoint, then: Callable[[], None] | None = None) -> None:
+        """Start writing `ckpt`; `then` runs on the writer thread once it is durable."""
+        self.wait()
+
+        def write() -> None:
+            try:
+                self.store.save(ckpt)
+                if then is not None:
+                    then()
+            except BaseException as exc:  # surfaced by wait(), on the caller's thread
+                self._error = exc
+
+        self._thread = threading.Thread(target=write, name=f"checkpoint-{ckpt.round}", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Block until the last submitted checkpoint is on disk; re-raise what its write raised."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise RuntimeError(f"writing a checkpoint failed: {err}") from err

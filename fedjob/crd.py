@@ -137,6 +137,13 @@ def crd_manifest() -> dict[str, Any]:
                             "jsonPath": ".status.silosReady",
                             "description": "silos training / silos in the job",
                         },
+                        {
+                            "name": "Eval",
+                            "type": "number",
+                            "jsonPath": ".status.federatedEval.loss",
+                            "description": "the silos' sample-weighted held-out loss of the latest model",
+                            "priority": 1,
+                        },
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                     ],
                     "schema": {"openAPIV3Schema": openapi_schema()},

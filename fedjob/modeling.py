@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from fedjob.chunking import State
+from fedjob.chunking import State, TensorInfo
 from fedjob.spec import PEFT_MODES, FederatedJob
 
 # transformers/peft/torch are heavy: import them where used, so that `fedjob
@@ -30,20 +30,49 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_base_model(job: FederatedJob) -> Any:
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _config(job: FederatedJob) -> Any:
+    from transformers import AutoConfig
 
     m = job.spec.model
-    if m.path is not None and job.spec.training.mode != "pretrain":
-        return AutoModelForCausalLM.from_pretrained(m.path, dtype="float32")
     if m.path is not None:
-        config = AutoConfig.from_pretrained(m.path)
-    else:
-        assert m.config is not None
-        cfg = dict(m.config)
-        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        return AutoConfig.from_pretrained(m.path)
+    assert m.config is not None
+    cfg = dict(m.config)
+    return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+
+
+def load_base_model(job: FederatedJob, dtype: Any = None) -> Any:
+    """The base model with real weights (from the folder, or a seeded init for pretraining).
+
+    `dtype`: torch.bfloat16 loads the frozen weights straight in bf16 (half the host memory
+    of fp32 for a model DeepSpeed would cast to bf16 anyway).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    m = job.spec.model
+    dtype = dtype or torch.float32
+    if m.path is not None and job.spec.training.mode != "pretrain":
+        return AutoModelForCausalLM.from_pretrained(m.path, dtype=dtype)
     seed_everything(job.spec.training.seed)
-    return AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
+    model = AutoModelForCausalLM.from_config(_config(job))  # type: ignore[no-untyped-call]
+    return model.to(dtype)
+
+
+def _hollow_base_model(job: FederatedJob) -> Any:
+    """The base model's structure with memory that is reserved but never written.
+
+    Built on the meta device and then given uninitialised CPU storage: the kernel
+    maps those pages only when something writes them, and nothing does, so the
+    frozen weights never become resident. PEFT can then attach (and initialise)
+    real adapters to it, which is all the aggregator of a PEFT job needs.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(_config(job))  # type: ignore[no-untyped-call]
+    return model.to_empty(device="cpu")
 
 
 def _uses_conv1d(model: Any, targets: list[str]) -> bool:
@@ -55,10 +84,17 @@ def _uses_conv1d(model: Any, targets: list[str]) -> bool:
     )
 
 
-def build_model(job: FederatedJob) -> Any:
-    """The model with exactly the job's trainable parameters marked requires_grad."""
-    model = load_base_model(job)
+def build_model(job: FederatedJob, dtype: Any = None, hollow_base: bool = False) -> Any:
+    """The model with exactly the job's trainable parameters marked requires_grad.
+
+    `hollow_base`: for PEFT modes, the frozen base weights are never materialised
+    (see `_hollow_base_model`): enough for the adapters' names, shapes, initial
+    values and saving them, not for a forward pass.
+    """
     mode = job.spec.training.mode
+    if hollow_base and mode not in PEFT_MODES:
+        raise ValueError(f"mode {mode!r} trains the base weights: they cannot be left out")
+    model = _hollow_base_model(job) if hollow_base else load_base_model(job, dtype)
     if mode == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -117,6 +153,89 @@ def get_state(model: Any) -> State:
     return {n: p.detach().float().cpu().numpy().copy() for n, p in trainable_parameters(model)}
 
 
+def trainable_manifest(job: FederatedJob) -> dict[str, TensorInfo]:
+    """Names and shapes of what the silos train, from a model built on the meta device (no weights)."""
+    import torch
+
+    if job.spec.training.mode in PEFT_MODES:
+        model = build_model(job, hollow_base=True)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(_config(job))  # type: ignore[no-untyped-call]
+    return {n: TensorInfo(n, tuple(int(d) for d in p.shape)) for n, p in trainable_parameters(model)}
+
+
+def initial_state(job: FederatedJob, manifest: dict[str, TensorInfo] | None = None) -> State:
+    """The global model's starting point, holding at most one copy of the trainable state.
+
+    PEFT modes: the adapters' initial values, over a hollow base. `full`: every weight,
+    read tensor by tensor from the folder's safetensors files (fp32, whatever they were
+    saved in). `pretrain`: a seeded random init, whose float32 tensors NumPy then shares.
+    """
+    mode = job.spec.training.mode
+    if mode in PEFT_MODES:
+        return get_state(build_model(job, hollow_base=True))
+    if mode == "full":
+        streamed = _read_safetensors(job, manifest or trainable_manifest(job))
+        if streamed is not None:
+            return streamed
+    model = load_base_model(job)
+    # .numpy() of a float32 CPU tensor shares its memory: the model's own storage becomes the state.
+    return {n: p.detach().numpy() for n, p in trainable_parameters(model)}
+
+
+def _read_safetensors(job: FederatedJob, manifest: dict[str, TensorInfo]) -> State | None:
+    """Each trainable tensor straight from the weight files, or None when names or shapes differ."""
+    from safetensors import safe_open
+
+    assert job.spec.model.path is not None
+    files = sorted(Path(job.spec.model.path).glob("*.safetensors"))
+    where: dict[str, Path] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 - a safetensors handle, not a dict
+                where[key] = f
+    if not files or not set(manifest) <= set(where):
+        return None  # another layout (renamed keys, .bin files): load through transformers
+    out: State = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as handle:
+            for name in (n for n in manifest if where[n] == f):
+                t = handle.get_tensor(name)
+                if tuple(t.shape) != manifest[name].shape:
+                    return None
+                out[name] = t.float().numpy()
+    return {n: out[n] for n in manifest}
+
+
+def save_result(job: FederatedJob, state: State, target: Path) -> None:
+    """Write the trained artefact: a PEFT adapter folder, or a Hugging Face model folder.
+
+    Without materialising what the state does not hold: a PEFT adapter is saved from a
+    hollow base, full weights are assigned (shared, not copied) into a meta skeleton.
+    """
+    import torch
+
+    if job.spec.training.mode in PEFT_MODES:
+        model = build_model(job, hollow_base=True)
+        set_state(model, state)
+        model.save_pretrained(target)
+        return
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(_config(job))  # type: ignore[no-untyped-call]
+    tensors = {n: torch.from_numpy(np.ascontiguousarray(v)) for n, v in state.items()}
+    model.load_state_dict(tensors, strict=False, assign=True)
+    model.tie_weights()
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise ValueError(f"the state lacks {left[:3]}: cannot write a complete model")
+    model.save_pretrained(target)
+
+
 def set_state(model: Any, state: State) -> None:
     import torch
 
@@ -133,15 +252,17 @@ def set_state(model: Any, state: State) -> None:
 
 
 def mean_loss(model: Any, batches: list[Any]) -> float:
+    """Mean loss over the batches, on the model's device; one host sync at the end."""
     import torch
 
     model.eval()
-    total = 0.0
+    device = next(model.parameters()).device
+    total = torch.zeros((), dtype=torch.float32, device=device)
     with torch.no_grad():
         for b in batches:
-            ids = torch.from_numpy(b)
-            total += float(model(input_ids=ids, labels=ids).loss)
-    return total / max(len(batches), 1)
+            ids = torch.from_numpy(b).to(device)
+            total += model(input_ids=ids, labels=ids).loss.float()
+    return float(total) / max(len(batches), 1)
 
 
 def build_tiny_model(

@@ -155,17 +155,32 @@ class TrainingSpec(_Spec):
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
 
 
+class HeldOutSpec(_Spec):
+    path: str = Field(min_length=1, description="Folder of UTF-8 .txt files the silo never trains on.")
+    volume: VolumeSpec | None = Field(None, description="In a cluster: the volume holding `path`.")
+
+
 class DataSpec(_Spec):
     path: str = Field(
         min_length=1, description="Folder of UTF-8 .txt files (in the pod: where it is mounted)."
     )
     volume: VolumeSpec | None = Field(None, description="In a cluster: the volume holding `path`.")
+    eval: HeldOutSpec | None = Field(
+        None,
+        description="The silo's own held-out text for federated evaluation; without it, the tail "
+        "of its text (evaluation.heldOutFraction) is held out.",
+    )
 
 
 class ResourcesSpec(_Spec):
     requests: dict[str, Annotated[str, Field(pattern=QUANTITY)]] = {}
     limits: dict[str, Annotated[str, Field(pattern=QUANTITY)]] = {}
-    gpus: int = Field(0, ge=0, le=64, description="nvidia.com/gpu per pod.")
+    gpus: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="nvidia.com/gpu per pod; for a silo, equal to its processes (one rank per GPU).",
+    )
 
 
 class SiloSpec(_Spec):
@@ -186,7 +201,28 @@ class SiloSpec(_Spec):
     backoff_limit: int = Field(4, ge=0, le=100, description="Pod retries before the silo counts as lost.")
 
 
+class EvaluationSpec(_Spec):
+    """Federated evaluation: every silo evaluates each global model on its own held-out text."""
+
+    batches: int = Field(
+        0,
+        ge=0,
+        le=10000,
+        description="Held-out batches each silo process evaluates per round; 0 turns federated "
+        "evaluation off.",
+    )
+    held_out_fraction: float = Field(
+        0.1,
+        gt=0,
+        le=0.5,
+        description="Share of a silo's text (its tail) kept out of training and evaluated on, for "
+        "silos without a data.eval folder.",
+    )
+
+
 class EvalSpec(_Spec):
+    """Aggregator-side evaluation: the aggregator loads the whole model (on its GPU if it has one)."""
+
     path: str = Field(min_length=1)
     volume: VolumeSpec | None = Field(None, description="In a cluster: the volume holding `path`.")
     batches: int = Field(8, ge=1, le=10000)
@@ -230,6 +266,7 @@ class JobSpec(_Spec):
     model: ModelSpec
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     silos: list[SiloSpec] = Field(min_length=1, max_length=1000)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     eval: EvalSpec | None = None
     rounds: int = Field(3, ge=1, le=100_000)
     aggregation: AggregationSpec = Field(default_factory=AggregationSpec)
@@ -246,6 +283,18 @@ class JobSpec(_Spec):
             raise ValueError(f"silos: names must be unique, repeated: {', '.join(dupes)}")
         if self.aggregation.min_silos > len(self.silos):
             raise ValueError(f"aggregation.minSilos: must be at most the number of silos ({len(self.silos)})")
+        for i, s in enumerate(self.silos):
+            if s.resources.gpus and s.processes != s.resources.gpus:
+                raise ValueError(
+                    f"silos[{i}].processes: must equal resources.gpus ({s.resources.gpus}): one training "
+                    "process per GPU (NCCL refuses two ranks on one GPU, and a GPU without a rank idles)"
+                )
+        if self.evaluation.batches == 0:
+            for i, s in enumerate(self.silos):
+                if s.data.eval is not None:
+                    raise ValueError(
+                        f"silos[{i}].data.eval: needs evaluation.batches > 0 (federated evaluation is off)"
+                    )
         if self.training.mode != "pretrain" and self.model.path is None:
             raise ValueError(
                 f"model.path: training mode {self.training.mode!r} starts from a pretrained model"
@@ -361,10 +410,12 @@ def resolve_paths(job: FederatedJob, base: Path) -> FederatedJob:
     model = (
         spec.model.model_copy(update={"path": absolute(spec.model.path)}) if spec.model.path else spec.model
     )
-    silos = [
-        s.model_copy(update={"data": s.data.model_copy(update={"path": absolute(s.data.path)})})
-        for s in spec.silos
-    ]
+
+    def data(d: DataSpec) -> DataSpec:
+        ev = d.eval.model_copy(update={"path": absolute(d.eval.path)}) if d.eval else None
+        return d.model_copy(update={"path": absolute(d.path), "eval": ev})
+
+    silos = [s.model_copy(update={"data": data(s.data)}) for s in spec.silos]
     ev = spec.eval.model_copy(update={"path": absolute(spec.eval.path)}) if spec.eval else None
     return job.model_copy(
         update={"spec": spec.model_copy(update={"model": model, "silos": silos, "eval": ev})}
@@ -396,6 +447,10 @@ def local_path_problems(
             problems.append(f"spec.silos[{i}].data.path: folder not found: {dp}")
         elif not any(dp.rglob("*.txt")):
             problems.append(f"spec.silos[{i}].data.path: no .txt files in {dp}")
+        if s.data.eval is not None:
+            ep = Path(s.data.eval.path)
+            if not ep.is_dir() or not any(ep.rglob("*.txt")):
+                problems.append(f"spec.silos[{i}].data.eval.path: no folder with .txt files at {ep}")
     if with_eval and job.spec.eval is not None and not Path(job.spec.eval.path).is_dir():
         problems.append(f"spec.eval.path: folder not found: {job.spec.eval.path}")
     return problems

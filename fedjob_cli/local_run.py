@@ -163,7 +163,8 @@ class LocalRun:
 
     def status(self) -> pb.JobStatus | None:
         try:
-            return self.stub.GetStatus(pb.StatusRequest(), timeout=2)
+            status: pb.JobStatus = self.stub.GetStatus(pb.StatusRequest(), timeout=2)
+            return status
         except grpc.RpcError:
             return None
 
@@ -259,6 +260,8 @@ class LocalRun:
         tail = ""
         if st.round and lr.round:
             ev = "" if math.isnan(lr.eval_loss) else f" eval {lr.eval_loss:.4f}"
+            if st.federated_eval_round:
+                ev += f" | held-out at silos {st.federated_eval_loss:.4f} (round {st.federated_eval_round})"
             tail = (
                 f" | train {lr.train_loss:.4f}{ev} | {lr.participants} silos | up {lr.bytes_up:,} B"
                 f" (x{lr.compression_ratio:.1f}) | {lr.seconds:.1f} s"
@@ -307,6 +310,11 @@ class LocalRun:
                 f"{lr.seconds:.1f}",
             )
             parts.append(rounds)
+        if st.federated_eval_round:
+            parts.append(
+                f"federated eval: {st.federated_eval_loss:.4f} (the silos' held-out text, "
+                f"sample-weighted; model after round {st.federated_eval_round})"
+            )
         if st.updates_rejected:
             parts.append(
                 f"[yellow]{st.updates_rejected} updates or chunks refused (see logs/aggregator.log)[/]"
@@ -323,6 +331,7 @@ class LocalRun:
             "train loss",
             *(f"{s.name}" for s in self.job.spec.silos),
             "eval loss",
+            "federated eval",
             "bytes up",
             "ratio",
             "seconds",
@@ -337,6 +346,7 @@ class LocalRun:
                     for s in self.job.spec.silos
                 ),
                 "-" if r["eval_loss"] is None else f"{r['eval_loss']:.4f}",
+                "-" if r.get("federated_eval_loss") is None else f"{r['federated_eval_loss']:.4f}",
                 f"{r['bytes_up']:,}",
                 f"{r['compression_ratio'] or 0:.2f}",
                 f"{r['seconds']:.1f}",
@@ -377,6 +387,13 @@ def plot_losses(history: list[dict[str, Any]], path: Path) -> None:
     ev = [(r["round"], r["eval_loss"]) for r in history if r["eval_loss"] is not None]
     if ev:
         ax.plot(*zip(*ev, strict=True), "k-", linewidth=2, label="global eval")
+    # Federated: the silos' held-out losses, from the initial model (round 0) on.
+    fed = [(0, r["initial_federated_eval_loss"]) for r in history[:1] if "initial_federated_eval_loss" in r]
+    fed += [
+        (r["round"], r["federated_eval_loss"]) for r in history if r.get("federated_eval_loss") is not None
+    ]
+    if fed:
+        ax.plot(*zip(*fed, strict=True), "b-", linewidth=2, label="federated eval (silos' held-out)")
     ax.set_xlabel("round")
     ax.set_ylabel("loss (nats/byte)")
     ax.legend(fontsize=8)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
 from collections.abc import Iterator
@@ -103,6 +104,14 @@ class LiveAggregator:
 def live_aggregator(tmp_path: Path, small_state: dict[str, np.ndarray]) -> Iterator[LiveAggregator]:
     """The real servicer and coordinator behind real mTLS on loopback, with a small numeric state."""
     job = parse_job(job_doc(aggregation={"minSilos": 1, "roundDeadlineSeconds": 600}))
+    with serve_live(tmp_path, job, small_state) as agg:
+        yield agg
+
+
+@contextlib.contextmanager
+def serve_live(tmp_path: Path, job: FederatedJob, state: dict[str, np.ndarray]) -> Iterator[LiveAggregator]:
+    """A real aggregator for `job` (FedAvg over `state`) on loopback with mTLS, until the block ends."""
+    small_state = state
     certs = write_job_certs(tmp_path / "certs", job.name, job.silo_names())
     coord = Coordinator(job, FedAvg(), small_state, tmp_path / "work")
     metrics = AggregatorMetrics(job)

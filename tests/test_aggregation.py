@@ -1,4 +1,4 @@
-"""FedAvg built chunk by chunk equals the textbook formula; a broken upload leaves no trace."""
+"""FedAvg folded slice by slice into a float32 running sum equals the textbook formula."""
 
 from __future__ import annotations
 
@@ -53,10 +53,24 @@ def test_fedavg_from_chunks_matches_the_numpy_reference(silos: int, seed: int, c
         w = strategy.weight(meta)
         fold_stream(total, delta, w, chunk_bytes)
         total.commit(meta, w)
+    before = {k: v.copy() for k, v in global_state.items()}
     got = strategy.apply(global_state, total, 1)
     want = reference_fedavg(global_state, deltas, samples)
     for k in global_state:
-        np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-6)
+        # float32 accumulation: a few ulps of values of order 1.
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=2e-6)
+        # Silos may still be downloading the old model: apply() leaves it alone.
+        np.testing.assert_array_equal(global_state[k], before[k])
+
+
+def test_the_sum_reuses_the_previous_models_buffers_and_starts_from_zero() -> None:
+    old = {"w": np.full((3, 4), 7.0, np.float32)}
+    total = RunningSum(manifest_of(old), buffers=old)
+    total.fold("w", 0, np.ones(12, np.float32), 2.0)
+    total.commit(UpdateMeta("s", 2, 1, 0.0), 2.0)
+    mean = total.take_mean()
+    np.testing.assert_array_equal(mean["w"], np.ones((3, 4)))
+    assert np.shares_memory(mean["w"], old["w"])  # no new copy of the model
 
 
 def test_equal_sample_counts_give_the_plain_mean() -> None:
@@ -66,23 +80,3 @@ def test_equal_sample_counts_give_the_plain_mean() -> None:
         total.fold("w", 0, np.full(4, v, np.float32), 10.0)
         total.commit(UpdateMeta("s", 10, 1, 0.0), 10.0)
     np.testing.assert_allclose(FedAvg().apply(g, total, 1)["w"], np.full(4, 3.0))
-
-
-def test_unfolding_a_broken_upload_restores_the_sum_exactly_enough() -> None:
-    rng = np.random.default_rng(3)
-    g = {"w": np.zeros(10_000, np.float32)}
-    honest = {"w": rng.normal(size=10_000).astype(np.float32)}
-    broken = {"w": (rng.normal(size=10_000) * 1e3).astype(np.float32)}
-    total = RunningSum(manifest_of(g))
-    fold_stream(total, honest, 3.0, 4096)
-    total.commit(UpdateMeta("honest", 3, 1, 0.0), 3.0)
-    before = total.weighted_mean()["w"].copy()
-    fold_stream(total, broken, 7.0, 4096)
-    codec = Codec.from_name("raw")
-    validator = ChunkValidator(manifest_of(broken), codec, 4096)
-    for chunk in iter_chunks(broken, codec, 4096, np.random.default_rng(0)):
-        name, offset, values = validator.check(chunk)
-        total.unfold(name, offset, values, 7.0)
-    after = total.weighted_mean()["w"]
-    # Far below float32 resolution of the result.
-    assert np.max(np.abs(after - before)) < 1e-9

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from fedjob.chunking import count_chunks, iter_chunks
-from fedjob.codec import Codec
+from fedjob.codec import DOWNLOAD_CODEC, Codec
 from fedjob.v1 import fedjob_pb2 as pb
 from tests.conftest import LiveAggregator
 
@@ -268,7 +268,7 @@ def test_a_late_silo_asking_for_a_round_that_just_closed_waits_for_the_next(
         assert agg.stub(f"silo-{silo}").UploadUpdate(messages(agg, ones_like(small_state))).accepted
     wait_for_round_close(agg)
     late = AggregatorClient(agg.address, agg.certs, "alpha", CHUNK)
-    download = Codec.from_spec("none", True)
+    download = Codec.from_name(DOWNLOAD_CODEC)
     try:
         with pytest.raises(RoundClosed, match="stale_round: round 1 is closed; round 2 is open"):
             late.download(1, agg.coord.manifest, download, CHUNK)
@@ -314,3 +314,75 @@ def test_a_silo_waiting_on_an_aggregator_that_shuts_down_reconnects_instead_of_f
     assert re.search(r"task: (CANCELLED|UNAVAILABLE \(Cancelling all calls\))", caplog.text), caplog.text
     # It kept retrying (nobody came back here) and gave up only when its patience ran out.
     assert [f.code() for f in failures] == [grpc.StatusCode.UNAVAILABLE]
+
+
+# ----- federated evaluation ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def evaluating_aggregator(tmp_path, small_state):  # type: ignore[no-untyped-def]
+    """One training round, then the final evaluation: each silo evaluates 2 batches of 4 windows."""
+    from fedjob.spec import parse_job
+    from tests.conftest import job_doc, serve_live
+
+    job = parse_job(
+        job_doc(rounds=1, evaluation={"batches": 2}, aggregation={"minSilos": 1, "roundDeadlineSeconds": 600})
+    )
+    with serve_live(tmp_path, job, small_state) as agg:
+        yield agg
+
+
+def test_silos_evaluate_each_global_model_and_the_final_one_in_an_evaluation_step(
+    evaluating_aggregator: LiveAggregator, small_state
+) -> None:  # type: ignore[no-untyped-def]
+    agg = evaluating_aggregator
+    # Round 1's headers carry each silo's loss for the initial model (8 windows each).
+    for silo, loss in (("alpha", 3.0), ("beta", 5.0)):
+        stub = agg.stub(f"silo-{silo}")
+        assert stub.GetTask(pb.TaskRequest(after_round=0, wait_seconds=5)).state == pb.Task.TRAIN
+        hdr = header(agg, eval_loss=loss, eval_samples=8)
+        assert stub.UploadUpdate(messages(agg, ones_like(small_state), hdr=hdr)).accepted
+    wait_for_round_close(agg)
+    assert agg.coord.history[0]["initial_federated_eval_loss"] == pytest.approx(4.0)
+    assert agg.coord.phase == "Running"  # the final model is still to be evaluated
+    # The last round is over: the silos evaluate its model, and train no more.
+    for silo, loss in (("alpha", 2.0), ("beta", 4.0)):
+        stub = agg.stub(f"silo-{silo}")
+        task = stub.GetTask(pb.TaskRequest(after_round=1, wait_seconds=5))
+        assert (task.state, task.round) == (pb.Task.EVALUATE, 2)
+        state = {c.tensor.name for c in stub.DownloadGlobal(pb.DownloadRequest(round=2))}
+        assert state == set(small_state)
+        err = refused(
+            lambda s=stub: s.UploadUpdate(messages(agg, ones_like(small_state), hdr=header(agg, 2)))
+        )
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "not_training" in err.details()
+        stub.ReportEvaluation(pb.EvaluationReport(round=2, loss=loss, samples=8))
+    deadline = time.time() + 10
+    while agg.coord.phase != "Succeeded":
+        assert time.time() < deadline, "the job did not finish after its final evaluation"
+        time.sleep(0.05)
+    record = agg.coord.history[0]
+    assert record["federated_eval_loss"] == pytest.approx(3.0)
+    assert record["silo_eval_loss"] == {"alpha": 2.0, "beta": 4.0}
+    status = agg.stub("silo-alpha").GetStatus(pb.StatusRequest())
+    assert (status.federated_eval_round, status.federated_eval_loss) == (1, pytest.approx(3.0))
+    # The checkpoint's history has it too: a restarted aggregator reports the same.
+    from fedjob.checkpoint import CheckpointStore
+
+    stored = CheckpointStore(agg.coord.store.dir).load()
+    assert stored is not None and stored.history[0]["federated_eval_loss"] == pytest.approx(3.0)
+
+
+def test_an_evaluation_with_another_window_count_is_refused(
+    evaluating_aggregator: LiveAggregator, small_state
+) -> None:  # type: ignore[no-untyped-def]
+    agg = evaluating_aggregator
+    stub = agg.stub("silo-alpha")
+    stub.GetTask(pb.TaskRequest(after_round=0, wait_seconds=5))
+    for bad in (dict(eval_loss=0.1, eval_samples=10_000), dict(eval_loss=float("nan"), eval_samples=8)):
+        hdr = header(agg, **bad)
+        err = refused(lambda h=hdr: stub.UploadUpdate(messages(agg, ones_like(small_state), hdr=h)))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "bad_eval" in err.details(), err.details()
+    hdr = header(agg, eval_loss=3.0, eval_samples=8)
+    assert stub.UploadUpdate(messages(agg, ones_like(small_state), hdr=hdr)).accepted
+    assert agg.metrics.rejections_by_reason.labels(agg.job.name, "bad_eval")._value.get() == 2

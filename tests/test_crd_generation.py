@@ -37,6 +37,12 @@ def test_the_schema_is_structural() -> None:
 
 def test_printer_columns_and_short_name() -> None:
     version = crd_manifest()["spec"]["versions"][0]
-    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Phase", "Round", "Silos", "Age"]
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == [
+        "Phase",
+        "Round",
+        "Silos",
+        "Eval",
+        "Age",
+    ]
     assert crd_manifest()["spec"]["names"]["shortNames"] == ["fj"]
     assert version["subresources"] == {"status": {}}

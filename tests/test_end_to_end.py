@@ -64,9 +64,15 @@ def test_lora_job_with_zero2_trains_and_the_adapter_loads(assets: Path, tmp_path
             "deepspeed": {"zeroStage": 2},
         },
         "silos": [
+            # Federated evaluation: one silo holds out the tail of its own text, the other
+            # has a held-out folder of its own.
             {"name": "code", "data": {"path": str(assets / "data/code")}, "processes": 2},
-            {"name": "docs", "data": {"path": str(assets / "data/docs")}},
+            {
+                "name": "docs",
+                "data": {"path": str(assets / "data/docs"), "eval": {"path": str(assets / "data/eval")}},
+            },
         ],
+        "evaluation": {"batches": 2, "heldOutFraction": 0.2},
         "eval": {"path": str(assets / "data/eval"), "batches": 2},
         "rounds": 2,
         "aggregation": {"minSilos": 2, "roundDeadlineSeconds": 300},
@@ -82,6 +88,15 @@ def test_lora_job_with_zero2_trains_and_the_adapter_loads(assets: Path, tmp_path
         assert r["compression_ratio"] > 3  # int8 + zstd against float32
         assert r["eval_loss"] is not None
     assert rounds[-1]["train_loss"] < rounds[0]["train_loss"]
+    # Every global model was evaluated by both silos on their own held-out text: the initial
+    # one with round 1's uploads, round 1's with round 2's, the final one in an evaluation step.
+    for r in rounds:
+        assert set(r["silo_eval_loss"]) == {"code", "docs"}, r
+        losses = r["silo_eval_loss"]
+        # Sample-weighted: the two-process silo evaluated twice the windows.
+        assert r["federated_eval_loss"] == pytest.approx((2 * losses["code"] + losses["docs"]) / 3)
+    assert set(rounds[0]["initial_silo_eval_loss"]) == {"code", "docs"}
+    assert rounds[-1]["federated_eval_loss"] < rounds[0]["initial_federated_eval_loss"]
     assert (out / "loss.png").stat().st_size > 1000
     # The two-process silo trained on both ranks and exited cleanly.
     silo_log = (out / "logs" / "silo-code.log").read_text()

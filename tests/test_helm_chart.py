@@ -121,7 +121,8 @@ def test_the_dashboard_configmap_is_picked_up_by_the_grafana_sidecar(tools: Path
     for wanted in (
         "Progress",
         "Train loss per silo",
-        "Global eval loss",
+        "Global eval loss (aggregator-side)",
+        "Federated eval loss (each silo on its own held-out text)",
         "Participating vs expected silos",
         "Bytes per second per silo",
         "Compression ratio",

@@ -42,6 +42,9 @@ for algorithm, extra in (("fedavg", {}), ("scaffold", {}), ("fedprox", {"proxima
     start = trainer.manifest_state()
     extras = {Scaffold.CORRECTION + n: np.full(v.shape, 1.0, np.float32) for n, v in start.items()}
     result = trainer.train(1, start, extras if algorithm == "scaffold" else None)
+    if rank != 0:  # the trained state comes back on rank 0, which uploads it
+        assert result.state == {}
+        continue
     delta = np.concatenate([(result.state[n] - start[n]).ravel() for n in start])
     variate = np.concatenate([v.ravel() for v in result.extras.values()]) if result.extras else np.zeros(1)
     report[algorithm] = {

@@ -119,6 +119,7 @@ def test_every_dashboard_and_alert_query_returns_data_from_a_real_scrape(
                 {"name": "docs", "data": {"path": str(assets / "data/docs")}},
             ],
             "eval": {"path": str(assets / "data/eval"), "batches": 1},
+            "evaluation": {"batches": 1},  # federated: the silos' held-out losses
             # Far more rounds than the queries need: on a fast machine 30 rounds took 16 s, less than
             # Prometheus took to open its TSDB. The test stops the job once the queries have run.
             "rounds": 1000,

@@ -55,6 +55,18 @@ def test_a_complete_document_is_accepted_with_defaults_filled_in() -> None:
             lambda d: d["spec"]["aggregation"].update(minSilos=3),
             "spec.aggregation.minSilos: must be at most the number of silos (2)",
         ),
+        (
+            lambda d: d["spec"]["silos"][0].update(processes=2, resources={"gpus": 4}),
+            "spec.silos[0].processes: must equal resources.gpus (4)",
+        ),
+        (
+            lambda d: d["spec"]["silos"][0]["data"].update(eval={"path": "/held-out"}),
+            "spec.silos[0].data.eval: needs evaluation.batches > 0",
+        ),
+        (
+            lambda d: d["spec"].update(evaluation={"batches": 2, "heldOutFraction": 0.9}),
+            "spec.evaluation.heldOutFraction: input should be less than or equal to 0.5",
+        ),
         (lambda d: d["spec"]["compression"].update(codec="int4"), "spec.compression.codec: must be one of"),
         (
             lambda d: d["spec"]["compression"].update(chunkBytes=64 << 20),

@@ -3,16 +3,24 @@
 All mutable state sits behind one condition variable. gRPC handler threads call
 `begin_upload` / `add_chunk` / `finish_upload`; the main thread runs `run()`, which
 waits for "every silo reported" or the deadline and then closes the round.
+
+Memory is two copies of the trainable state: the global model (immutable while a
+round is open; downloads stream straight from it) and the round's running sum.
+Closing a round turns the sum, in place, into the next global model; the old
+global's buffers become the next round's sum. The heavy parts of a close (folding
+a finished upload, the strategy's math, evaluation, the checkpoint write) run
+without the lock, so status and long polls keep answering.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,19 +28,19 @@ from typing import Any
 import numpy as np
 
 from fedjob.aggregation import RunningSum, Strategy, UpdateMeta
-from fedjob.checkpoint import Checkpoint, CheckpointStore
+from fedjob.checkpoint import Checkpoint, CheckpointStore, CheckpointWriter
 from fedjob.chunking import (
     ChunkRejected,
-    ChunkValidator,
     State,
+    TensorInfo,
     count_chunks,
     iter_chunks,
     manifest_of,
-    raw_bytes,
 )
-from fedjob.codec import Codec
+from fedjob.codec import DOWNLOAD_CODEC, Codec
 from fedjob.spec import FederatedJob
 from fedjob.v1 import fedjob_pb2 as pb
+from fedjob_aggregator.upload_session import SessionClosed, UploadSession
 
 log = logging.getLogger("fedjob.aggregator")
 
@@ -56,20 +64,6 @@ CHUNK_REASON_CODES = {
 
 
 @dataclass
-class Upload:
-    silo: str
-    round: int
-    upload_id: str
-    meta: UpdateMeta
-    weight: float
-    validator: ChunkValidator
-    total_chunks: int
-    spool: Path
-    raw_bytes: int
-    streaming: bool = True  # a handler is reading this upload's stream right now
-
-
-@dataclass
 class SiloState:
     state: str = "absent"
     last_round: int = 0
@@ -84,15 +78,20 @@ class RoundState:
     opened: float
     deadline: float
     total: RunningSum
-    download: list[pb.Chunk]
-    download_bytes: int
     reported: dict[str, UpdateMeta] = field(default_factory=dict)
-    in_flight: dict[str, Upload] = field(default_factory=dict)
+    in_flight: dict[str, UploadSession] = field(default_factory=dict)
     bytes_up: dict[str, int] = field(default_factory=dict)
     bytes_down: dict[str, int] = field(default_factory=dict)
     raw_up: int = 0
     rejected: int = 0
     clock_started: bool = True
+    folding: int = 0  # completed uploads being folded into the sum right now
+    closing: bool = False  # the close has begun: no new downloads or uploads
+    evaluation_only: bool = False  # after the last round: silos evaluate the final model
+
+    def evaluations(self) -> dict[str, tuple[float, int]]:
+        """silo: (held-out loss, windows) of the silos that evaluated (in their header, or reported)."""
+        return {m.silo: (m.eval_loss, m.eval_samples) for m in self.reported.values() if m.eval_samples}
 
 
 Observer = Callable[[str, dict[str, Any]], None]
@@ -103,49 +102,75 @@ class Coordinator:
         self,
         job: FederatedJob,
         strategy: Strategy,
-        initial_state: State,
+        initial_state: State | Callable[[], State],
         workdir: Path,
         evaluate: Callable[[State], float] | None = None,
         finalize: Callable[[State], None] | None = None,
         observe: Observer | None = None,
+        manifest: Mapping[str, TensorInfo] | None = None,
     ) -> None:
+        """`initial_state` may be a function, called only when there is no checkpoint to resume
+        (then `manifest` names the tensors it will return, for the resume check)."""
         self.job = job
         self.spec = job.spec
         self.strategy = strategy
-        self.manifest = manifest_of(initial_state)
+        if manifest is None:
+            if callable(initial_state):
+                raise TypeError("a lazy initial_state needs its manifest")
+            manifest = manifest_of(initial_state)
+        self.manifest = dict(manifest)
         # What an update carries: the parameter deltas, then any tensors the strategy adds.
         self.upload_manifest = {**self.manifest, **strategy.upload_extras_manifest(self.manifest)}
         self.codec = Codec.from_spec(job.spec.compression.codec, job.spec.compression.zstd)
-        self.download_codec = Codec.from_spec("none", job.spec.compression.zstd)
+        self.download_codec = Codec.from_name(DOWNLOAD_CODEC)
         self.chunk_bytes = job.spec.compression.chunk_bytes
         self.expected_chunks = count_chunks(self.upload_manifest, self.codec, self.chunk_bytes)
         self.evaluate = evaluate
         self.finalize = finalize
         self.observe = observe or (lambda event, fields: None)
         self.store = CheckpointStore(workdir / "checkpoints")
+        self.writer = CheckpointWriter(self.store)
         self.spool_dir = workdir / "spool"
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = workdir / "metrics.jsonl"
         self.cond = threading.Condition()
+        self._fold_lock = threading.Lock()  # one update at a time into the sum
+        self._checking = threading.BoundedSemaphore(max(2, os.cpu_count() or 2))  # chunks decoded at once
         self.silos = {s: SiloState() for s in job.silo_names()}
         self.phase = "Running"
         self.message = ""
         self.rejected_total = 0
         ckpt = self.store.load()
         if ckpt is None:
-            ckpt = Checkpoint(0, initial_state, [])
+            # The coordinator reuses the global model's buffers: it owns what a function returns,
+            # and copies a state it was handed.
+            state = (
+                initial_state()
+                if callable(initial_state)
+                else {k: v.copy() for k, v in initial_state.items()}
+            )
+            if manifest_of(state) != self.manifest:
+                raise RuntimeError("the initial state does not match its manifest")
+            ckpt = Checkpoint(0, state, [])
             self.store.save(ckpt)
-        elif set(ckpt.state) != set(self.manifest):
+        elif manifest_of(ckpt.state) != self.manifest:
             raise RuntimeError(f"checkpoint in {self.store.dir} does not belong to this job's model")
         self.completed = ckpt.round
         self.global_state = {n: ckpt.state[n] for n in self.manifest}
+        # Bumped whenever the global model's buffers change hands: a download that sees it move
+        # stops instead of sending a slice that may be half overwritten.
+        self.generation = 0
+        self._spare: State | None = None  # the previous global's buffers, for the next sum
         self.strategy.load_state(ckpt.strategy_state)
         self.history = ckpt.history
+        self.final_evaluation_done = bool(ckpt.extra.get("final_evaluation_done", False))
+        del ckpt
         self._rewrite_metrics()
         self.current: RoundState | None = None
         self.seen: set[str] = set()  # silos that called in since this process started
         self._first_round = True
-        if self.completed >= self.spec.rounds:
+        self.evaluates = job.spec.evaluation.batches > 0
+        if self.completed >= self.spec.rounds and (self.final_evaluation_done or not self.evaluates):
             self.phase = "Succeeded"
         log.info("job %s: resuming after round %d of %d", job.name, self.completed, self.spec.rounds)
 
@@ -153,23 +178,23 @@ class Coordinator:
 
     def _open_round(self) -> None:
         number = self.completed + 1
-        rng = np.random.default_rng(number)
-        download = list(iter_chunks(self.global_state, self.download_codec, self.chunk_bytes, rng))
         now = time.time()
         limit = self.spec.aggregation.round_deadline_seconds
         # The first round after a (re)start waits for minSilos silos to call in before its
         # clock starts (pods may still be scheduling, silos backing off), at most one deadline.
         waiting = self._first_round and len(self.seen) < self.spec.aggregation.min_silos
         self._first_round = False
+        evaluation_only = number > self.spec.rounds
         self.current = RoundState(
             number=number,
             opened=now,
             deadline=now + (2 * limit if waiting else limit),
-            total=RunningSum(self.manifest),
-            download=download,
-            download_bytes=sum(len(c.payload) for c in download),
+            # The final evaluation folds nothing: no sum.
+            total=RunningSum({} if evaluation_only else self.manifest, buffers=self._spare),
             clock_started=not waiting,
+            evaluation_only=evaluation_only,
         )
+        self._spare = None
         for s in self.silos.values():
             s.state = "waiting" if s.state != "absent" else "absent"
         log.info("round %d open (deadline in %.0f s)", number, self.spec.aggregation.round_deadline_seconds)
@@ -185,18 +210,30 @@ class Coordinator:
                     self._open_round()
                 rnd = self.current
                 assert rnd is not None
-                self.cond.wait_for(lambda r=rnd: self._round_over(r) or stop.is_set(), timeout=0.5)
+                self.cond.wait_for(functools.partial(self._over_or_stopped, rnd, stop), timeout=0.5)
                 if stop.is_set():
                     break
                 if self._round_over(rnd):
                     self._close_round(rnd)
             self.cond.notify_all()
+        self.writer.wait()
         return self.phase
+
+    def _over_or_stopped(self, rnd: RoundState, stop: threading.Event) -> bool:
+        return self._round_over(rnd) or stop.is_set()
 
     def _round_over(self, rnd: RoundState) -> bool:
         return len(rnd.reported) == len(self.silos) or time.time() >= rnd.deadline
 
     def _close_round(self, rnd: RoundState) -> None:
+        """Called with the lock held; releases it for the slow parts."""
+        close_started = time.time()
+        rnd.closing = True
+        if rnd.evaluation_only:
+            self._close_final_evaluation(rnd)
+            return
+        # A completed upload being folded right now still counts: it arrived in time.
+        self.cond.wait_for(lambda: rnd.folding == 0)
         for up in list(rnd.in_flight.values()):
             self._discard(rnd, up, "round closed before the upload completed")
         missing = sorted(set(self.silos) - set(rnd.reported))
@@ -214,10 +251,21 @@ class Coordinator:
             self.current = None
             return
         started = time.time()
-        new_state = self.strategy.apply(self.global_state, rnd.total, rnd.number)
-        eval_loss = self.evaluate(new_state) if self.evaluate else math.nan
+        last = rnd.number >= self.spec.rounds
+        old_state = self.global_state
+        self.cond.release()
+        try:
+            # The previous round's checkpoint is streamed from old_state and the strategy's
+            # state, which apply() is about to change in place: it must be on disk first.
+            self.writer.wait()
+            new_state = self.strategy.apply(old_state, rnd.total, rnd.number)
+            eval_loss = self.evaluate(new_state) if self.evaluate else math.nan
+            if last and self.finalize:
+                self.finalize(new_state)
+        finally:
+            self.cond.acquire()
         losses = {m.silo: m.train_loss for m in rnd.reported.values()}
-        up = sum(rnd.bytes_up.values())
+        sent_up = sum(rnd.bytes_up.values())
         record = {
             "round": rnd.number,
             "train_loss": float(np.mean(list(losses.values()))),
@@ -226,21 +274,41 @@ class Coordinator:
             "participants": sorted(rnd.reported),
             "num_participants": len(rnd.reported),
             "missing": missing,
-            "bytes_up": up,
+            "bytes_up": sent_up,
             "bytes_down": sum(rnd.bytes_down.values()),
             "silo_bytes_up": dict(sorted(rnd.bytes_up.items())),
-            "compression_ratio": rnd.raw_up / up if up else None,
+            "compression_ratio": rnd.raw_up / sent_up if sent_up else None,
             "rejected_updates": rnd.rejected,
             "seconds": round(time.time() - rnd.opened, 3),
             "aggregation_seconds": round(time.time() - started, 3),
+            # From "every update is in (or the deadline)" to the next round opening.
+            "close_seconds": round(time.time() - close_started, 3),
         }
+        earlier_changed = self._record_evaluation(rnd, record)
         self.history.append(record)
-        self.store.save(Checkpoint(rnd.number, new_state, self.history, strategy_state=self.strategy.state()))
+        # Downloads still streaming the old model stop at their next slice; its buffers
+        # become the next round's running sum.
+        self.generation += 1
         self.global_state = new_state
+        self._spare = old_state
         self.completed = rnd.number
         self.current = None
-        with open(self.metrics_path, "a") as f:
-            f.write(_json(record) + "\n")
+        # The write runs beside the next round; the next close waits for it, so a crash
+        # loses at most the round in flight. The metrics line follows the checkpoint.
+        if earlier_changed:  # the previous round's line gained its federated evaluation
+            text = "".join(_json(r) + "\n" for r in self.history)
+            then = functools.partial(self._write_metrics, text)
+        else:
+            then = functools.partial(self._append_metrics, _json(record) + "\n")
+        self.writer.submit(
+            Checkpoint(
+                rnd.number,
+                new_state,
+                [dict(r) for r in self.history],
+                strategy_state=self.strategy.state(),
+            ),
+            then=then,
+        )
         log.info(
             "round %d closed: %d silos, train loss %.4f, eval loss %s, %.1f s",
             rnd.number,
@@ -250,16 +318,97 @@ class Coordinator:
             record["seconds"],
         )
         self.observe("round_closed", record)
-        if self.completed >= self.spec.rounds:
-            if self.finalize:
-                self.finalize(self.global_state)
+        if last and not self.evaluates:
             self.phase = "Succeeded"
             self.observe("succeeded", {"round": self.completed})
 
-    def _rewrite_metrics(self) -> None:
+    # ----- federated evaluation ------------------------------------------------------------------
+
+    def _record_evaluation(self, rnd: RoundState, record: dict[str, Any]) -> bool:
+        """Round r's uploads carry the silos' losses for the model after round r-1: file them there.
+
+        Returns whether an earlier record changed (metrics.jsonl is then rewritten).
+        """
+        evals = rnd.evaluations()
+        if not evals:
+            return False
+        fields = _evaluation_fields(evals)
+        if rnd.number == 1:
+            record["initial_federated_eval_loss"] = fields["federated_eval_loss"]
+            record["initial_silo_eval_loss"] = fields["silo_eval_loss"]
+            return False
+        if self.history and self.history[-1]["round"] == rnd.number - 1:
+            self.history[-1].update(fields)
+            self.observe("federated_eval", {"round": rnd.number - 1, **fields})
+            return True
+        return False
+
+    def _close_final_evaluation(self, rnd: RoundState) -> None:
+        self.writer.wait()  # the last round's checkpoint, before its record changes
+        evals = rnd.evaluations()
+        if evals and self.history:
+            fields = _evaluation_fields(evals)
+            self.history[-1].update(fields)
+            self.observe("federated_eval", {"round": rnd.number - 1, **fields})
+        missing = sorted(set(self.silos) - set(evals))
+        if missing:
+            log.warning("final evaluation: no loss from %s before the deadline", ", ".join(missing))
+        self.final_evaluation_done = True
+        self.current = None
+        self.store.update_index([dict(r) for r in self.history], {"final_evaluation_done": True})
+        self._rewrite_metrics()
+        log.info(
+            "final evaluation: %d silos, federated eval loss %s",
+            len(evals),
+            self.history[-1].get("federated_eval_loss") if self.history else None,
+        )
+        self.phase = "Succeeded"
+        self.observe("succeeded", {"round": self.completed})
+
+    def report_evaluation(self, silo: str, round_number: int, loss: float, samples: int) -> None:
+        with self.cond:
+            self._saw(silo)
+            rnd = self._round_for(silo, round_number)
+            if not rnd.evaluation_only:
+                raise Refused(
+                    "FAILED_PRECONDITION",
+                    "not_evaluating",
+                    f"round {rnd.number} trains; its evaluation rides in the update header",
+                )
+            self._check_evaluation(silo, loss, samples)
+            if silo in rnd.reported:
+                raise Refused("ALREADY_EXISTS", "replay", f"{silo} already reported its evaluation")
+            rnd.reported[silo] = UpdateMeta(silo, 1, 1, math.nan, loss, samples)
+            self.silos[silo].state = "reported"
+            self.cond.notify_all()
+
+    def _check_evaluation(self, silo: str, loss: float, samples: int) -> None:
+        """A silo evaluates a fixed number of windows: anything else would buy it weight."""
+        if not self.evaluates:
+            raise Refused("INVALID_ARGUMENT", "bad_eval", "this job runs no federated evaluation")
+        t = self.spec.training
+        expected = self.spec.evaluation.batches * t.batch_size * self.job.silo(silo).processes
+        if samples != expected:
+            raise Refused(
+                "INVALID_ARGUMENT",
+                "bad_eval",
+                f"evaluation of {samples} windows; this silo evaluates {expected}",
+            )
+        if not math.isfinite(loss) or loss < 0:
+            raise Refused("INVALID_ARGUMENT", "bad_eval", f"evaluation loss {loss} is not a finite loss")
+
+    def _append_metrics(self, line: str) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(line)
+
+    def _write_metrics(self, text: str) -> None:
         tmp = self.metrics_path.with_suffix(".tmp")
-        tmp.write_text("".join(_json(r) + "\n" for r in self.history))
+        tmp.write_text(text)
         os.replace(tmp, self.metrics_path)
+
+    def _rewrite_metrics(self) -> None:
+        """metrics.jsonl from the history (resume; federated evaluations filled in later)."""
+        self._write_metrics("".join(_json(r) + "\n" for r in self.history))
 
     # ----- what handlers call ----------------------------------------------------------------------
 
@@ -289,7 +438,15 @@ class Coordinator:
                     self.silos[silo].state = "done"
                     return pb.Task(state=pb.Task.FAILED, round=self.completed, message=self.message)
                 rnd = self.current
-                if rnd is not None and rnd.number > after_round and silo not in rnd.reported:
+                if (
+                    rnd is not None
+                    and not rnd.closing
+                    and rnd.number > after_round
+                    and silo not in rnd.reported
+                ):
+                    if rnd.evaluation_only:
+                        self.silos[silo].state = "evaluating"
+                        return pb.Task(state=pb.Task.EVALUATE, round=rnd.number, deadline_unix=rnd.deadline)
                     self.silos[silo].state = "training"
                     return pb.Task(state=pb.Task.TRAIN, round=rnd.number, deadline_unix=rnd.deadline)
                 left = end - time.time()
@@ -297,26 +454,45 @@ class Coordinator:
                     return pb.Task(state=pb.Task.WAIT, round=self.completed)
                 self.cond.wait(timeout=left)
 
-    def download(self, silo: str, round_number: int) -> list[pb.Chunk]:
+    def download(self, silo: str, round_number: int) -> Iterator[pb.Chunk]:
+        """The global model (and the strategy's per-silo tensors), encoded slice by slice as sent.
+
+        Nothing is pre-encoded: each call streams from the stored global state, so a
+        download costs one chunk of memory, not a copy of the model.
+        """
         with self.cond:
             rnd = self._round_for(silo, round_number)
-            chunks = rnd.download
+            generation = self.generation
+            state = self.global_state
             extras = self.strategy.download_extras(silo, self.manifest)
-            if extras:  # per-silo tensors (SCAFFOLD's c - c_i) continue the same stream
-                rng = np.random.default_rng([rnd.number, len(rnd.download)])
-                chunks = chunks + list(
-                    iter_chunks(extras, self.download_codec, self.chunk_bytes, rng, start_seq=len(chunks))
+        # The same rng for every silo: a lossy download codec would round identically for all.
+        rng = np.random.default_rng(rnd.number)
+        chunks = iter_chunks(state, self.download_codec, self.chunk_bytes, rng)
+        for chunk in chunks:
+            if self.generation != generation:
+                raise Refused(
+                    "FAILED_PRECONDITION",
+                    "stale_round",
+                    f"round {round_number} closed during the download",
                 )
-            sent = sum(len(c.payload) for c in chunks)
-            rnd.bytes_down[silo] = rnd.bytes_down.get(silo, 0) + sent
-            self.silos[silo].bytes_down += sent
-            return chunks
+            yield self._sent(rnd, silo, chunk)
+        if extras:  # per-silo tensors (SCAFFOLD's c - c_i) continue the same stream
+            n = count_chunks(self.manifest, self.download_codec, self.chunk_bytes)
+            extra_rng = np.random.default_rng([rnd.number, n])
+            for chunk in iter_chunks(extras, self.download_codec, self.chunk_bytes, extra_rng, start_seq=n):
+                yield self._sent(rnd, silo, chunk)
+
+    def _sent(self, rnd: RoundState, silo: str, chunk: pb.Chunk) -> pb.Chunk:
+        with self.cond:
+            rnd.bytes_down[silo] = rnd.bytes_down.get(silo, 0) + len(chunk.payload)
+            self.silos[silo].bytes_down += len(chunk.payload)
+        return chunk
 
     def _round_for(self, silo: str, round_number: int) -> RoundState:
         rnd = self.current
         if rnd is None or self.phase != "Running":
             raise Refused("FAILED_PRECONDITION", "no_open_round", f"no round is open (job {self.phase})")
-        if round_number < rnd.number:
+        if round_number < rnd.number or (round_number == rnd.number and rnd.closing):
             raise Refused(
                 "FAILED_PRECONDITION",
                 "stale_round",
@@ -328,12 +504,20 @@ class Coordinator:
             )
         return rnd
 
-    def begin_upload(self, silo: str, header: pb.UpdateHeader) -> Upload:
+    def begin_upload(self, silo: str, header: pb.UpdateHeader) -> UploadSession:
         with self.cond:
             rnd = self._round_for(silo, header.round)
             if silo in rnd.reported:
                 raise Refused(
                     "ALREADY_EXISTS", "replay", f"{silo} already delivered its update for round {rnd.number}"
+                )
+            if header.eval_samples:
+                self._check_evaluation(silo, header.eval_loss, int(header.eval_samples))
+            if rnd.evaluation_only:
+                raise Refused(
+                    "FAILED_PRECONDITION",
+                    "not_training",
+                    f"round {rnd.number} only evaluates the final model; use ReportEvaluation",
                 )
             if header.num_samples == 0 or not math.isfinite(header.train_loss) or header.local_steps == 0:
                 raise Refused(
@@ -355,13 +539,16 @@ class Coordinator:
                     "concurrent_upload",
                     f"{silo} already has an upload streaming; one at a time per silo",
                 )
+            if held is not None and held.folding:
+                raise Refused(
+                    "ALREADY_EXISTS", "replay", f"{silo}'s update for round {rnd.number} is being aggregated"
+                )
             if held is not None and held.upload_id == header.upload_id:
-                if header.resume_from != held.validator.next_seq:
+                if header.resume_from != held.next_seq:
                     raise Refused(
                         "FAILED_PRECONDITION",
                         "out_of_order",
-                        f"resume from chunk {header.resume_from}, "
-                        f"the aggregator holds up to {held.validator.next_seq}",
+                        f"resume from chunk {header.resume_from}, the aggregator holds up to {held.next_seq}",
                     )
                 held.streaming = True
                 return held
@@ -374,61 +561,86 @@ class Coordinator:
                     f"nothing held for upload {header.upload_id!r}; start at chunk 0",
                 )
             meta = UpdateMeta(
-                silo, int(header.num_samples), int(header.local_steps), float(header.train_loss)
+                silo,
+                int(header.num_samples),
+                int(header.local_steps),
+                float(header.train_loss),
+                float(header.eval_loss) if header.eval_samples else math.nan,
+                int(header.eval_samples),
             )
-            up = Upload(
+            up = UploadSession.open(
                 silo=silo,
-                round=rnd.number,
+                round_number=rnd.number,
                 upload_id=header.upload_id,
                 meta=meta,
                 weight=self.strategy.weight(meta),
-                validator=ChunkValidator(self.upload_manifest, self.codec, self.chunk_bytes),
                 total_chunks=header.total_chunks,
                 spool=self.spool_dir / f"r{rnd.number}-{silo}.spool",
-                raw_bytes=raw_bytes(self.upload_manifest),
+                manifest=self.upload_manifest,
+                codec=self.codec,
+                chunk_bytes=self.chunk_bytes,
             )
-            up.spool.write_bytes(b"")
             rnd.in_flight[silo] = up
             self.silos[silo].state = "uploading"
             return up
 
-    def add_chunk(self, up: Upload, chunk: pb.Chunk) -> None:
+    def add_chunk(self, up: UploadSession, chunk: pb.Chunk) -> None:
         with self.cond:
             rnd = self._live(up)
-            try:
-                name, offset, values = up.validator.check(chunk)
-            except ChunkRejected as exc:
-                self._discard(rnd, up, exc.detail)
-                raise Refused(
-                    CHUNK_REASON_CODES.get(exc.reason, "INVALID_ARGUMENT"), exc.reason, exc.detail
-                ) from None
-            if name in self.manifest:
-                rnd.total.fold(name, offset, values, up.weight)
-            else:
-                self.strategy.fold_extra(up.silo, self.upload_manifest[name], offset, values)
-            # Keep what was folded, so a broken upload can be taken out again exactly.
-            data = chunk.SerializeToString()
-            with open(up.spool, "ab") as f:
-                f.write(len(data).to_bytes(4, "little") + data)
-            rnd.bytes_up[up.silo] = rnd.bytes_up.get(up.silo, 0) + len(chunk.payload)
-            self.silos[up.silo].bytes_up += len(chunk.payload)
+        # Checking (decode, CRC, finite) and spooling touch only this session, which one handler
+        # at a time owns: outside the lock, so silos upload in parallel and status answers.
+        # The semaphore bounds the decoded temporaries alive at once, whatever the silo count.
+        try:
+            with self._checking:
+                size = up.receive(chunk)
+        except SessionClosed as exc:
+            raise Refused("FAILED_PRECONDITION", "stale_round", str(exc)) from None
+        except ChunkRejected as exc:
+            with self.cond:
+                if rnd.in_flight.get(up.silo) is up:
+                    self._discard(rnd, up, exc.detail)
+            raise Refused(
+                CHUNK_REASON_CODES.get(exc.reason, "INVALID_ARGUMENT"), exc.reason, exc.detail
+            ) from None
+        with self.cond:
+            self._live(up)  # the round may have closed meanwhile: the spool is gone with it
+            rnd.bytes_up[up.silo] = rnd.bytes_up.get(up.silo, 0) + size
+            self.silos[up.silo].bytes_up += size
 
-    def finish_upload(self, up: Upload, trailer: pb.UpdateTrailer) -> None:
+    def finish_upload(self, up: UploadSession, trailer: pb.UpdateTrailer) -> None:
+        """The trailer arrived: fold the whole update into the round's sum, or refuse it."""
         with self.cond:
             rnd = self._live(up)
-            missing = up.validator.missing()
-            if trailer.total_chunks != up.total_chunks or up.validator.next_seq != up.total_chunks or missing:
-                self._discard(rnd, up, f"incomplete: {up.validator.next_seq} of {up.total_chunks} chunks")
-                raise Refused(
-                    "FAILED_PRECONDITION",
-                    "incomplete",
-                    f"update incomplete: got {up.validator.next_seq} of {up.total_chunks} chunks",
-                )
+            why = up.incomplete(trailer.total_chunks)
+            if why is not None:
+                self._discard(rnd, up, f"incomplete: {why}")
+                raise Refused("FAILED_PRECONDITION", "incomplete", f"update incomplete: {why}")
+            up.folding = True
+            rnd.folding += 1
+            self.silos[up.silo].state = "aggregating"
+        try:
+            # Outside the lock: folding a large update takes seconds and must not stall
+            # status or other silos. The round's close waits for rnd.folding to drop.
+            with self._fold_lock:
+                for name, offset, values in up.values():
+                    if name in self.manifest:
+                        rnd.total.fold(name, offset, values, up.weight)
+                    else:
+                        self.strategy.fold_extra(up.silo, self.upload_manifest[name], offset, values)
+        except BaseException:
+            with self.cond:
+                rnd.folding -= 1
+                up.folding = False
+                self._discard(rnd, up, "its spool could not be read back")
+                self.cond.notify_all()
+            raise
+        with self.cond:
             rnd.total.commit(up.meta, up.weight)
             rnd.reported[up.silo] = up.meta
             rnd.raw_up += up.raw_bytes
-            del rnd.in_flight[up.silo]
-            up.spool.unlink(missing_ok=True)
+            rnd.in_flight.pop(up.silo, None)
+            rnd.folding -= 1
+            up.discard()
             s = self.silos[up.silo]
             s.state, s.last_round, s.last_train_loss = "reported", rnd.number, up.meta.train_loss
             self.observe(
@@ -442,33 +654,27 @@ class Coordinator:
             if rnd is None or rnd.number != round_number:
                 return 0
             held = rnd.in_flight.get(silo)
-            return held.validator.next_seq if held is not None and held.upload_id == upload_id else 0
+            return held.next_seq if held is not None and held.upload_id == upload_id else 0
 
-    def stream_ended(self, up: Upload) -> None:
+    def stream_ended(self, up: UploadSession) -> None:
         with self.cond:
             up.streaming = False
 
-    def _live(self, up: Upload) -> RoundState:
+    def _live(self, up: UploadSession) -> RoundState:
         rnd = self.current
-        if rnd is None or rnd.number != up.round or rnd.in_flight.get(up.silo) is not up:
+        if (
+            rnd is None
+            or rnd.number != up.round
+            or rnd.closing
+            or rnd.in_flight.get(up.silo) is not up
+            or up.folding
+        ):
             raise Refused("FAILED_PRECONDITION", "stale_round", f"round {up.round} closed during the upload")
         return rnd
 
-    def _discard(self, rnd: RoundState, up: Upload, why: str) -> None:
-        """Take a partial upload back out of the running sum, from its spool."""
-        validator = ChunkValidator(self.upload_manifest, self.codec, self.chunk_bytes)
-        if up.spool.exists():
-            data = up.spool.read_bytes()
-            pos = 0
-            while pos < len(data):
-                n = int.from_bytes(data[pos : pos + 4], "little")
-                chunk = pb.Chunk.FromString(data[pos + 4 : pos + 4 + n])
-                pos += 4 + n
-                name, offset, values = validator.check(chunk)
-                # Extras are written in place and only used for committed uploads: nothing to undo.
-                if name in self.manifest:
-                    rnd.total.unfold(name, offset, values, up.weight)
-            up.spool.unlink(missing_ok=True)
+    def _discard(self, rnd: RoundState, up: UploadSession, why: str) -> None:
+        """Drop an unfinished upload: nothing of it was folded, so its spool is all there is."""
+        up.discard()
         rnd.in_flight.pop(up.silo, None)
         self.silos[up.silo].state = "rejected"
         log.warning("round %d: dropped the upload of %s: %s", rnd.number, up.silo, why)
@@ -512,7 +718,22 @@ class Coordinator:
                 last_round=rm,
                 message=self.message,
                 updates_rejected=self.rejected_total,
+                **self._latest_federated_eval(),
             )
+
+    def _latest_federated_eval(self) -> dict[str, Any]:
+        for r in reversed(self.history):
+            if r.get("federated_eval_loss") is not None:
+                return {"federated_eval_loss": r["federated_eval_loss"], "federated_eval_round": r["round"]}
+        return {}
+
+
+def _evaluation_fields(evals: dict[str, tuple[float, int]]) -> dict[str, Any]:
+    samples = sum(n for _, n in evals.values())
+    return {
+        "federated_eval_loss": sum(loss * n for loss, n in evals.values()) / samples,
+        "silo_eval_loss": {s: loss for s, (loss, _) in sorted(evals.items())},
+    }
 
 
 def _json(record: dict[str, Any]) -> str:

@@ -37,6 +37,9 @@ REASONS = (
     "replay",
     "unknown_silo",
     "identity_mismatch",
+    "bad_eval",
+    "not_evaluating",
+    "not_training",
 )
 
 
@@ -63,7 +66,27 @@ class AggregatorMetrics:
         self.mean_train_loss = Gauge(
             "fedjob_round_train_loss", "Mean train loss over the round's silos.", jl, registry=r
         )
-        self.eval_loss = Gauge("fedjob_eval_loss", "Held-out loss of the global model.", jl, registry=r)
+        self.eval_loss = Gauge(
+            "fedjob_eval_loss", "Aggregator-side held-out loss of the global model.", jl, registry=r
+        )
+        self.federated_eval_loss = Gauge(
+            "fedjob_federated_eval_loss",
+            "Sample-weighted mean of the silos' held-out losses for the global model.",
+            jl,
+            registry=r,
+        )
+        self.federated_eval_round = Gauge(
+            "fedjob_federated_eval_round",
+            "The round whose global model fedjob_federated_eval_loss measured.",
+            jl,
+            registry=r,
+        )
+        self.silo_eval_loss = Gauge(
+            "fedjob_silo_eval_loss",
+            "A silo's loss on its own held-out text for the global model.",
+            sl,
+            registry=r,
+        )
         self.participants = Gauge(
             "fedjob_round_participants", "Silos whose update was aggregated.", jl, registry=r
         )
@@ -143,6 +166,11 @@ class AggregatorMetrics:
                 self.updates.labels(*j, silo).inc()
             for silo in fields["missing"]:
                 self.missed.labels(*j, silo).inc()
+        elif event == "federated_eval":
+            self.federated_eval_loss.labels(*j).set(fields["federated_eval_loss"])
+            self.federated_eval_round.labels(*j).set(fields["round"])
+            for silo, loss in fields["silo_eval_loss"].items():
+                self.silo_eval_loss.labels(*j, silo).set(loss)
         elif event == "succeeded":
             self.set_phase("Succeeded")
         elif event == "failed":

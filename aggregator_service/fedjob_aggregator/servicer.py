@@ -95,18 +95,17 @@ class FederatedTrainingServicer(pb_grpc.FederatedTrainingServicer):
         self, request: pb.DownloadRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.Chunk]:
         silo = self._silo(context)
+        sent = 0
         try:
-            chunks = self.coord.download(silo, request.round)
+            for chunk in self.coord.download(silo, request.round):
+                sent += len(chunk.payload)
+                yield chunk
         except Refused as exc:
             # A late silo asking for the round that just closed: a race, not a bad update, so it
             # is not counted among the rejections; the silo asks for the next task.
             self._refuse(context, silo, exc, counted=exc.reason != "stale_round")
-            return
-        sent = 0
-        for chunk in chunks:
-            sent += len(chunk.payload)
-            yield chunk
-        self.metrics.bytes(silo, "down", sent)
+        finally:
+            self.metrics.bytes(silo, "down", sent)
 
     def UploadUpdate(
         self, request_iterator: Iterator[pb.UploadMessage], context: grpc.ServicerContext
@@ -140,7 +139,7 @@ class FederatedTrainingServicer(pb_grpc.FederatedTrainingServicer):
             self.metrics.bytes(silo, "up", received)
             context.abort(
                 grpc.StatusCode.ABORTED,
-                f"incomplete: stream ended after chunk {up.validator.next_seq}; resume with QueryUpload",
+                f"incomplete: stream ended after chunk {up.next_seq}; resume with QueryUpload",
             )
         except Refused as exc:
             self.metrics.bytes(silo, "up", received)
@@ -154,6 +153,16 @@ class FederatedTrainingServicer(pb_grpc.FederatedTrainingServicer):
     ) -> pb.QueryUploadReply:
         silo = self._silo(context)
         return pb.QueryUploadReply(next_seq=self.coord.resume_point(silo, request.round, request.upload_id))
+
+    def ReportEvaluation(
+        self, request: pb.EvaluationReport, context: grpc.ServicerContext
+    ) -> pb.EvaluationReceipt:
+        silo = self._silo(context)
+        try:
+            self.coord.report_evaluation(silo, request.round, request.loss, int(request.samples))
+        except Refused as exc:
+            self._refuse(context, silo, exc, counted=exc.reason != "stale_round")
+        return pb.EvaluationReceipt(round=request.round)
 
     def GetStatus(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.JobStatus:
         self._identity(context)

@@ -48,11 +48,13 @@ class Task(_message.Message):
         WAIT: _ClassVar[Task.State]
         DONE: _ClassVar[Task.State]
         FAILED: _ClassVar[Task.State]
+        EVALUATE: _ClassVar[Task.State]
     STATE_UNSPECIFIED: Task.State
     TRAIN: Task.State
     WAIT: Task.State
     DONE: Task.State
     FAILED: Task.State
+    EVALUATE: Task.State
     STATE_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_FIELD_NUMBER: _ClassVar[int]
@@ -100,7 +102,7 @@ class Chunk(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., tensor: _Optional[_Union[TensorSpec, _Mapping]] = ..., offset: _Optional[int] = ..., count: _Optional[int] = ..., codec: _Optional[str] = ..., payload: _Optional[bytes] = ..., crc32: _Optional[int] = ..., params: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("round", "upload_id", "num_samples", "local_steps", "train_loss", "total_chunks", "raw_bytes", "resume_from")
+    __slots__ = ("round", "upload_id", "num_samples", "local_steps", "train_loss", "total_chunks", "raw_bytes", "resume_from", "eval_loss", "eval_samples")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +111,8 @@ class UpdateHeader(_message.Message):
     TOTAL_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     RAW_BYTES_FIELD_NUMBER: _ClassVar[int]
     RESUME_FROM_FIELD_NUMBER: _ClassVar[int]
+    EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    EVAL_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     round: int
     upload_id: str
     num_samples: int
@@ -117,7 +121,25 @@ class UpdateHeader(_message.Message):
     total_chunks: int
     raw_bytes: int
     resume_from: int
-    def __init__(self, round: _Optional[int] = ..., upload_id: _Optional[str] = ..., num_samples: _Optional[int] = ..., local_steps: _Optional[int] = ..., train_loss: _Optional[float] = ..., total_chunks: _Optional[int] = ..., raw_bytes: _Optional[int] = ..., resume_from: _Optional[int] = ...) -> None: ...
+    eval_loss: float
+    eval_samples: int
+    def __init__(self, round: _Optional[int] = ..., upload_id: _Optional[str] = ..., num_samples: _Optional[int] = ..., local_steps: _Optional[int] = ..., train_loss: _Optional[float] = ..., total_chunks: _Optional[int] = ..., raw_bytes: _Optional[int] = ..., resume_from: _Optional[int] = ..., eval_loss: _Optional[float] = ..., eval_samples: _Optional[int] = ...) -> None: ...
+
+class EvaluationReport(_message.Message):
+    __slots__ = ("round", "loss", "samples")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    loss: float
+    samples: int
+    def __init__(self, round: _Optional[int] = ..., loss: _Optional[float] = ..., samples: _Optional[int] = ...) -> None: ...
+
+class EvaluationReceipt(_message.Message):
+    __slots__ = ("round",)
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    def __init__(self, round: _Optional[int] = ...) -> None: ...
 
 class UpdateTrailer(_message.Message):
     __slots__ = ("total_chunks",)
@@ -198,7 +220,7 @@ class RoundMetrics(_message.Message):
     def __init__(self, round: _Optional[int] = ..., train_loss: _Optional[float] = ..., eval_loss: _Optional[float] = ..., participants: _Optional[int] = ..., bytes_up: _Optional[int] = ..., bytes_down: _Optional[int] = ..., compression_ratio: _Optional[float] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class JobStatus(_message.Message):
-    __slots__ = ("job", "phase", "round", "total_rounds", "silos", "last_round", "message", "updates_rejected")
+    __slots__ = ("job", "phase", "round", "total_rounds", "silos", "last_round", "message", "updates_rejected", "federated_eval_loss", "federated_eval_round")
     JOB_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -207,6 +229,8 @@ class JobStatus(_message.Message):
     LAST_ROUND_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     UPDATES_REJECTED_FIELD_NUMBER: _ClassVar[int]
+    FEDERATED_EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    FEDERATED_EVAL_ROUND_FIELD_NUMBER: _ClassVar[int]
     job: str
     phase: str
     round: int
@@ -215,4 +239,6 @@ class JobStatus(_message.Message):
     last_round: RoundMetrics
     message: str
     updates_rejected: int
-    def __init__(self, job: _Optional[str] = ..., phase: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., silos: _Optional[_Iterable[_Union[SiloStatus, _Mapping]]] = ..., last_round: _Optional[_Union[RoundMetrics, _Mapping]] = ..., message: _Optional[str] = ..., updates_rejected: _Optional[int] = ...) -> None: ...
+    federated_eval_loss: float
+    federated_eval_round: int
+    def __init__(self, job: _Optional[str] = ..., phase: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., silos: _Optional[_Iterable[_Union[SiloStatus, _Mapping]]] = ..., last_round: _Optional[_Union[RoundMetrics, _Mapping]] = ..., message: _Optional[str] = ..., updates_rejected: _Optional[int] = ..., federated_eval_loss: _Optional[float] = ..., federated_eval_round: _Optional[int] = ...) -> None: ...

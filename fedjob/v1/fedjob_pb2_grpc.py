@@ -64,6 +64,11 @@ class FederatedTrainingStub:
                 request_serializer=fedjob_dot_v1_dot_fedjob__pb2.StatusRequest.SerializeToString,
                 response_deserializer=fedjob_dot_v1_dot_fedjob__pb2.JobStatus.FromString,
                 _registered_method=True)
+        self.ReportEvaluation = channel.unary_unary(
+                '/fedjob.v1.FederatedTraining/ReportEvaluation',
+                request_serializer=fedjob_dot_v1_dot_fedjob__pb2.EvaluationReport.SerializeToString,
+                response_deserializer=fedjob_dot_v1_dot_fedjob__pb2.EvaluationReceipt.FromString,
+                _registered_method=True)
 
 
 class FederatedTrainingServicer:
@@ -113,6 +118,14 @@ class FederatedTrainingServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportEvaluation(self, request, context):
+        """A silo's loss for the final global model on its held-out text (task EVALUATE).
+        Losses for earlier models ride in the next round's UpdateHeader.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederatedTrainingServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -145,6 +158,11 @@ def add_FederatedTrainingServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=fedjob_dot_v1_dot_fedjob__pb2.StatusRequest.FromString,
                     response_serializer=fedjob_dot_v1_dot_fedjob__pb2.JobStatus.SerializeToString,
+            ),
+            'ReportEvaluation': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportEvaluation,
+                    request_deserializer=fedjob_dot_v1_dot_fedjob__pb2.EvaluationReport.FromString,
+                    response_serializer=fedjob_dot_v1_dot_fedjob__pb2.EvaluationReceipt.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -309,6 +327,33 @@ class FederatedTraining:
             '/fedjob.v1.FederatedTraining/GetStatus',
             fedjob_dot_v1_dot_fedjob__pb2.StatusRequest.SerializeToString,
             fedjob_dot_v1_dot_fedjob__pb2.JobStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportEvaluation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedjob.v1.FederatedTraining/ReportEvaluation',
+            fedjob_dot_v1_dot_fedjob__pb2.EvaluationReport.SerializeToString,
+            fedjob_dot_v1_dot_fedjob__pb2.EvaluationReceipt.FromString,
             options,
             channel_credentials,
             insecure,

@@ -99,7 +99,9 @@ def tls_secret(
 ) -> dict[str, Any]:
     import base64
 
-    enc = lambda b: base64.b64encode(b).decode()  # noqa: E731
+    def enc(b: bytes) -> str:
+        return base64.b64encode(b).decode()
+
     return {
         "apiVersion": "v1",
         "kind": "Secret",
@@ -164,6 +166,8 @@ def _data_volumes(
     if silo is not None:
         data = job.silo(silo).data
         wanted.append(("data", data.path, data.volume))
+        if data.eval is not None:
+            wanted.append(("held-out", data.eval.path, data.eval.volume))
     if with_eval and job.spec.eval is not None:
         wanted.append(("eval", job.spec.eval.path, job.spec.eval.volume))
     volumes, mounts = [], []

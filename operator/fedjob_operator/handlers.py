@@ -83,6 +83,8 @@ def reconcile(body: Any, patch: kopf.Patch) -> None:
 def _accepted_job(r: JobReconciler) -> FederatedJob:
     """The spec the pods run (from the ConfigMap), when the live object has drifted from it."""
     cm = apis().core.read_namespaced_config_map(r.n["config"], r.ns)
+    if not cm.data or "job.yaml" not in cm.data:
+        raise kopf.TemporaryError(f"ConfigMap {r.n['config']} holds no job.yaml yet", delay=5)
     return parse_job(yaml.safe_load(cm.data["job.yaml"]), "accepted spec")
 
 
@@ -170,6 +172,6 @@ def sync(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
 # A watch event, not an on.delete handler: that would add a finalizer, and a
 # FederatedJob could then not be deleted while the operator is down.
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def forget(event: dict[str, Any], body: kopf.Body, **_: Any) -> None:
+def forget(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
     if event.get("type") == "DELETED":
         _record_phase(body["metadata"]["namespace"], body["metadata"]["name"], None)

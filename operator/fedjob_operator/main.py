@@ -22,7 +22,7 @@ def run_operator(namespaces: list[str], metrics_port: int, liveness: str | None 
         kopf.operator(
             standalone=True,
             clusterwide=not namespaces,
-            namespaces=namespaces or None,
+            namespaces=namespaces or [],
             liveness_endpoint=liveness,
         )
     )

@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 from kubernetes import client
-from kubernetes.client.rest import ApiException
+from kubernetes.client.exceptions import ApiException
 
 from fedjob.spec import FederatedJob, SpecError, parse_job
 from fedjob.tls import Identity, KeyPair, aggregator_dns_names, create_ca, issue
@@ -219,7 +219,7 @@ class JobReconciler:
             if p.status
             and p.status.pod_ip
             and p.status.phase == "Running"
-            and not p.metadata.deletion_timestamp
+            and not (p.metadata and p.metadata.deletion_timestamp)
         ]
         if not ips:
             return None
@@ -310,7 +310,7 @@ def status_from(
             if not math.isnan(s.last_train_loss):
                 entry["trainLoss"] = round(float(s.last_train_loss), 5)
         else:
-            prev = next((p for p in old.get("silos", []) if p.get("name") == name), {})
+            prev: dict[str, Any] = next((p for p in old.get("silos", []) if p.get("name") == name), {})
             entry.update(
                 {k: v for k, v in prev.items() if k in ("state", "lastRound", "bytesUp", "trainLoss")}
             )
@@ -358,6 +358,13 @@ def status_from(
         }
     elif "lastRound" in old:
         status["lastRound"] = old["lastRound"]
+    if agg is not None and agg.federated_eval_round:
+        status["federatedEval"] = {
+            "round": agg.federated_eval_round,
+            "loss": round(float(agg.federated_eval_loss), 5),
+        }
+    elif "federatedEval" in old:
+        status["federatedEval"] = old["federatedEval"]
     if phase in ("Succeeded", "Failed"):
         status["completionTime"] = old.get("completionTime") or now()
     conds = [

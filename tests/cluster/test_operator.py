@@ -68,7 +68,7 @@ def test_a_job_creates_its_children_with_the_expected_specs(
                         "path": "/data",
                         "volume": {"persistentVolumeClaim": {"claimName": "alpha-text"}},
                     },
-                    "resources": {"requests": {"cpu": "2"}, "gpus": 1},
+                    "resources": {"requests": {"cpu": "2"}, "gpus": 2},
                     "nodeSelector": {"site": "alpha"},
                     "tolerations": [{"key": "gpu", "operator": "Exists"}],
                     "backoffLimit": 2,
@@ -107,7 +107,7 @@ def test_a_job_creates_its_children_with_the_expected_specs(
     # Silo placement, resources and data volume come from the spec.
     c = alpha.containers[0]
     assert c.command == ["fedjob"] and c.args[:4] == ["worker", "/etc/fedjob/job/job.yaml", "--silo", "alpha"]
-    assert c.resources.limits["nvidia.com/gpu"] == "1" and c.resources.requests["cpu"] == "2"
+    assert c.resources.limits["nvidia.com/gpu"] == "2" and c.resources.requests["cpu"] == "2"
     assert alpha.node_selector == {"site": "alpha"} and alpha.tolerations[0].key == "gpu"
     assert batch.read_namespaced_job("demo-silo-alpha", namespace).spec.backoff_limit == 2
     data = next(v for v in alpha.volumes if v.name == "data")

@@ -67,7 +67,7 @@ class AggregatorClient:
         ca, cert, key = certs.load(f"silo-{silo}")
         creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
         limit = chunk_bytes + (1 << 20)
-        options = [
+        options: list[tuple[str, int | str]] = [
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
             ("grpc.keepalive_time_ms", 30_000),
@@ -97,13 +97,14 @@ class AggregatorClient:
         raise last
 
     def join(self) -> pb.JoinReply:
-        return self._retry(
+        reply: pb.JoinReply = self._retry(
             "join", lambda: self.stub.Join(pb.JoinRequest(expected_silo=self.silo, worker_version="0.1.0"))
         )
+        return reply
 
     def next_task(self, after_round: int) -> pb.Task:
         while True:
-            task = self._retry(
+            task: pb.Task = self._retry(
                 "task",
                 lambda: self.stub.GetTask(
                     pb.TaskRequest(after_round=after_round, wait_seconds=20), timeout=40
@@ -132,6 +133,18 @@ class AggregatorClient:
                 raise RoundClosed(details) from None
             raise
 
+    def report_evaluation(self, round_number: int, loss: float, samples: int) -> None:
+        """The final model's held-out loss (task EVALUATE)."""
+        try:
+            self._retry(
+                "evaluation",
+                lambda: self.stub.ReportEvaluation(
+                    pb.EvaluationReport(round=round_number, loss=loss, samples=samples), timeout=60
+                ),
+            )
+        except grpc.RpcError as exc:
+            raise UpdateRefused(f"{exc.code().name}: {exc.details()}") from None
+
     def upload(
         self,
         round_number: int,
@@ -142,6 +155,8 @@ class AggregatorClient:
         num_samples: int,
         local_steps: int,
         train_loss: float,
+        eval_loss: float = 0.0,
+        eval_samples: int = 0,
     ) -> int:
         """Stream one update, resuming where the aggregator stopped if the stream breaks.
 
@@ -167,6 +182,8 @@ class AggregatorClient:
                 total_chunks=total,
                 raw_bytes=raw,
                 resume_from=start,
+                eval_loss=eval_loss,
+                eval_samples=eval_samples,
             )
 
             def messages() -> Iterator[pb.UploadMessage]:
@@ -179,7 +196,8 @@ class AggregatorClient:
                         yield pb.UploadMessage(chunk=chunk)
                 yield pb.UploadMessage(trailer=pb.UpdateTrailer(total_chunks=total))
 
-            return self.stub.UploadUpdate(messages())
+            receipt: pb.UploadReceipt = self.stub.UploadUpdate(messages())
+            return receipt
 
         try:
             self._retry("upload", attempt)

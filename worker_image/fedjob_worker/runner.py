@@ -15,9 +15,11 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fedjob.aggregation import make_strategy
-from fedjob.chunking import manifest_of
-from fedjob.codec import Codec
+from fedjob.chunking import State, TensorInfo
+from fedjob.codec import DOWNLOAD_CODEC, Codec
 from fedjob.spec import FederatedJob
 from fedjob.tls import CertFiles
 from fedjob.v1 import fedjob_pb2 as pb
@@ -55,7 +57,7 @@ def run_silo(job: FederatedJob, opts: WorkerOptions) -> int:
         return _rank_main(job, opts, 0, 1, free_port())
     port = free_port()
     ctx = mp.get_context("spawn")
-    procs = [
+    procs: list[BaseProcess] = [
         ctx.Process(target=_rank_entry, args=(job, opts, r, world, port), name=f"{opts.silo}-rank{r}")
         for r in range(world)
     ]
@@ -111,6 +113,30 @@ def _rank_entry(job: FederatedJob, opts: WorkerOptions, rank: int, world: int, p
     raise SystemExit(_rank_main(job, opts, rank, world, port))
 
 
+def _broadcast_state(received: State | None, manifest: dict[str, TensorInfo], rank: int, world: int) -> State:
+    """Rank 0's downloaded tensors to every rank, tensor by tensor on the ranks' device.
+
+    (Not broadcast_object_list: that would pickle the whole model into one host buffer.)
+    """
+    if world == 1:
+        assert received is not None
+        return received
+    import torch
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    out: State = {}
+    for name, info in manifest.items():
+        if rank == 0:
+            assert received is not None
+            t = torch.from_numpy(np.ascontiguousarray(received[name])).to(device)
+        else:
+            t = torch.empty(info.shape, dtype=torch.float32, device=device)
+        dist.broadcast(t, src=0)
+        out[name] = received[name] if rank == 0 and received is not None else t.cpu().numpy()
+    return out
+
+
 def _rank_main(job: FederatedJob, opts: WorkerOptions, rank: int, world: int, port: int) -> int:
     import torch.distributed as dist
 
@@ -121,8 +147,8 @@ def _rank_main(job: FederatedJob, opts: WorkerOptions, rank: int, world: int, po
     trainer = LocalTrainer(job, opts.silo, rank, world)
     comp = job.spec.compression
     codec = Codec.from_spec(comp.codec, comp.zstd)
-    download_codec = Codec.from_spec("none", comp.zstd)
-    manifest = manifest_of(trainer.manifest_state())
+    download_codec = Codec.from_name(DOWNLOAD_CODEC)
+    manifest = trainer.manifest()  # loads the model and builds the engine, once for the whole job
     # Tensors the job's algorithm adds to the stream (SCAFFOLD's control variates).
     strategy = make_strategy(job.spec.aggregation, len(job.spec.silos))
     download_manifest = {**manifest, **strategy.download_extras_manifest(manifest)}
@@ -140,12 +166,13 @@ def _rank_main(job: FederatedJob, opts: WorkerOptions, rank: int, world: int, po
             reply.total_rounds,
         )
     delivered = 0  # the last round whose update the aggregator accepted
+    evaluated = 0  # the last EVALUATE round whose loss the aggregator took
     while True:
         box: list[Any] = [None]
         if client is not None:
             # "Any round I have not delivered": a restarted aggregator that lost this
             # silo's update for the open round hands that round out again.
-            task = client.next_task(max(delivered - 1, 0))
+            task = client.next_task(max(delivered - 1, evaluated, 0))
             box[0] = (task.state, task.round, task.message)
         dist.broadcast_object_list(box, src=0)
         state, round_number, message = box[0]
@@ -157,11 +184,12 @@ def _rank_main(job: FederatedJob, opts: WorkerOptions, rank: int, world: int, po
             # would only make Kubernetes retry a silo that did nothing wrong.
             log.error("the job failed at the aggregator: %s", message)
             break
-        glob: list[Any] = [None]
+        ok: list[Any] = [True]
+        received: State | None = None
         if client is not None:
             started = time.time()
             try:
-                glob[0], nbytes = client.download(
+                received, nbytes = client.download(
                     round_number, download_manifest, download_codec, comp.chunk_bytes
                 )
                 log.info(
@@ -171,14 +199,35 @@ def _rank_main(job: FederatedJob, opts: WorkerOptions, rank: int, world: int, po
                 log.info(
                     "round %d closed before this silo could start it (%s); asking again", round_number, exc
                 )
-        dist.broadcast_object_list(glob, src=0)
-        received = glob[0]
-        if received is None:  # every rank skips the closed round together
+                ok[0] = False
+        dist.broadcast_object_list(ok, src=0)
+        if not ok[0]:  # every rank skips the closed round together
             continue
+        received = _broadcast_state(received, download_manifest, rank, world)
         global_state = {n: received[n] for n in manifest}
         extras = {n: v for n, v in received.items() if n not in manifest}
+        # Federated evaluation of the model this round starts from, on this silo's held-out text.
         started = time.time()
-        result = trainer.train(round_number, global_state, extras)
+        trainer.load_global(global_state)
+        evaluation = trainer.evaluate()
+        if evaluation is not None:
+            log.info(
+                "round %d: held-out loss of the global model %.4f (%d windows, %.1f s)",
+                round_number,
+                evaluation.loss,
+                evaluation.samples,
+                time.time() - started,
+            )
+        if state == pb.Task.EVALUATE:
+            if client is not None and evaluation is not None:
+                try:
+                    client.report_evaluation(round_number, evaluation.loss, evaluation.samples)
+                except UpdateRefused as exc:
+                    log.error("round %d: evaluation refused: %s", round_number, exc)
+            evaluated = round_number
+            continue
+        started = time.time()
+        result = trainer.train(round_number, global_state, extras, load=False)
         log.info(
             "round %d: %d local steps, loss %.4f, %.1f s",
             round_number,
@@ -187,7 +236,9 @@ def _rank_main(job: FederatedJob, opts: WorkerOptions, rank: int, world: int, po
             time.time() - started,
         )
         if client is not None:
-            delta = {n: result.state[n] - global_state[n] for n in global_state}
+            delta = result.state  # trainer-owned arrays: the delta is computed in place
+            for n, g in global_state.items():
+                delta[n] -= g
             delta.update(result.extras)
             try:
                 sent = client.upload(
@@ -199,6 +250,8 @@ def _rank_main(job: FederatedJob, opts: WorkerOptions, rank: int, world: int, po
                     num_samples=trainer.num_samples,
                     local_steps=result.steps,
                     train_loss=result.train_loss,
+                    eval_loss=evaluation.loss if evaluation is not None else 0.0,
+                    eval_samples=evaluation.samples if evaluation is not None else 0,
                 )
                 log.info("round %d: update sent, %d bytes (%s)", round_number, sent, codec.name)
                 delivered = round_number
@@ -206,6 +259,7 @@ def _rank_main(job: FederatedJob, opts: WorkerOptions, rank: int, world: int, po
                 log.error("round %d: update refused: %s", round_number, exc)
     if client is not None:
         client.close()
+    trainer.close()
     dist.barrier()
     # Tear the process group down before interpreter exit: left to atexit, DeepSpeed's
     # shared-memory communicator aborts the process and the pod would read as failed.

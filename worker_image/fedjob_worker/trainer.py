@@ -1,8 +1,14 @@
-"""One round of local training with DeepSpeed ZeRO on this silo's processes.
+"""Local training with DeepSpeed ZeRO on this silo's processes, one live engine for the whole job.
 
-The engine is rebuilt every round from the received global state: loading new
-weights into a live engine is silently undone by the optimizer's fp32 master
-copies, and a fresh local optimizer per round is what FedAvg assumes anyway.
+The model is loaded and the engine built once. Each round writes the new global
+trainable state into the live engine, both into the parameters the forward pass
+reads and into the optimizer's fp32 master copies (written alone, the masters
+would silently undo it at the next step), and resets the optimizer's state, so
+every round starts from the global model with a fresh local optimizer, as FedAvg
+assumes, without reloading the base model from disk.
+
+On a GPU everything in the step loop stays on the rank's device: batches go up,
+nothing comes back until the round's mean loss and the trained state.
 """
 
 from __future__ import annotations
@@ -10,32 +16,48 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from fedjob import modeling
-from fedjob.chunking import State
+from fedjob.chunking import State, TensorInfo
 from fedjob.spec import FederatedJob
 from fedjob.textdata import TextCorpus
 
 log = logging.getLogger("fedjob.worker")
 
 
-def init_distributed(rank: int, world_size: int, master_port: int) -> None:
-    """DeepSpeed's CPU (gloo) process group; the env variables stop it from trying MPI discovery."""
+def init_distributed(rank: int, world_size: int, master_port: int, local_rank: int | None = None) -> None:
+    """The silo's process group: NCCL on GPUs, gloo on CPU.
+
+    The env variables stop DeepSpeed from trying MPI discovery. On a GPU the rank pins its
+    device (LOCAL_RANK) before the first collective: NCCL otherwise guesses from the global
+    rank, and two ranks on one GPU are refused.
+    """
+    local = int(os.environ.get("LOCAL_RANK", rank)) if local_rank is None else local_rank
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-        LOCAL_SIZE=str(world_size),
+        LOCAL_RANK=str(local),
+        LOCAL_SIZE=os.environ.get("LOCAL_SIZE", str(world_size)),
         MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
         MASTER_PORT=str(master_port),
     )
     import deepspeed
+    import torch
 
-    deepspeed.init_distributed(dist_backend="gloo" if not _has_cuda() else "nccl", verbose=False)
+    cuda = _has_cuda()
+    if cuda:
+        if local >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"rank {rank} needs GPU {local}, this pod has {torch.cuda.device_count()}: "
+                "a silo's processes must not exceed its GPUs"
+            )
+        torch.cuda.set_device(local)
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
     _unlink_shm_buffer(rank)
 
 
@@ -88,10 +110,28 @@ def deepspeed_config(job: FederatedJob, world_size: int) -> dict[str, Any]:
 
 @dataclass
 class RoundResult:
-    state: State  # trainable parameters after training (complete on rank 0)
+    state: State  # trainable parameters after training (on rank 0; empty on the others)
     train_loss: float
     steps: int
     extras: State = field(default_factory=dict)  # tensors the algorithm sends back (SCAFFOLD's c_i)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    loss: float  # mean over this silo's held-out windows
+    samples: int  # windows evaluated, over all ranks: the silo's weight in the federated mean
+
+
+def _torch_optimizer(opt: Any) -> Any:
+    """The torch optimizer inside DeepSpeed's wrappers (ZeRO, bf16), which hold it as `.optimizer`."""
+    import torch
+
+    while not isinstance(opt, torch.optim.Optimizer):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None:
+            raise TypeError(f"no torch optimizer inside {type(opt).__name__}")
+        opt = inner
+    return opt
 
 
 class LocalTrainer:
@@ -100,22 +140,29 @@ class LocalTrainer:
         self.silo = silo
         self.rank = rank
         self.world_size = world_size
-        self.corpus = TextCorpus.from_folder(job.silo(silo).data.path)
-        self.num_samples = self.corpus.num_samples(job.spec.training.sequence_length)
-        self.local_steps = job.silo(silo).local_steps or job.spec.training.local_steps
+        spec = job.silo(silo)
+        t = job.spec.training
+        corpus = TextCorpus.from_folder(spec.data.path)
+        self.corpus, held_out = _split_eval(job, silo, corpus)
+        self.num_samples = self.corpus.num_samples(t.sequence_length)
+        self.local_steps = spec.local_steps or t.local_steps
+        self.eval_batches = _eval_batches(job, held_out, rank, world_size)
+        self.eval_samples = 0 if held_out is None else job.spec.evaluation.batches * t.batch_size * world_size
+        self.engine: Any = None
+        self._named: list[tuple[str, Any]] = []
+        self._optimizer: Any = None
+        self._fresh_steps: dict[int, Any] = {}
 
-    def manifest_state(self) -> State:
-        """The trainable tensors' names and shapes, as the aggregator's global state has them."""
-        return modeling.get_state(modeling.build_model(self.job))
+    # ----- the live engine -------------------------------------------------------------------------
 
-    def train(self, round_number: int, global_state: State, extras: State | None = None) -> RoundResult:
+    def _build(self) -> None:
+        """Load the model and build the engine: once per process, not once per round."""
         import deepspeed
         import torch
-        import torch.distributed as dist
 
         t = self.job.spec.training
-        model = modeling.build_model(self.job)
-        modeling.set_state(model, global_state)
+        dtype = torch.bfloat16 if t.deepspeed.bf16 else None
+        model = modeling.build_model(self.job, dtype=dtype)
         params = [p for _, p in modeling.trainable_parameters(model)]
         optimizer: torch.optim.Optimizer
         if t.optimizer == "sgd":
@@ -124,45 +171,183 @@ class LocalTrainer:
             )
         else:
             optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
-        engine, _, _, _ = deepspeed.initialize(
+        self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(self.job, self.world_size)
         )
+        self._named = modeling.trainable_parameters(self.engine.module)
+        self._optimizer = _torch_optimizer(self.engine.optimizer)
+        # What a fresh optimizer holds: nothing (lazy state), or, under ZeRO-3, states that
+        # DeepSpeed initialised with one zero-gradient step. Remember the step counts.
+        self._fresh_steps = {
+            id(p): (st["step"].clone() if hasattr(st.get("step"), "clone") else st.get("step"))
+            for p, st in self._optimizer.state.items()
+        }
+
+    def manifest(self) -> dict[str, TensorInfo]:
+        """The trainable tensors' names and full shapes (also under ZeRO-3 partitioning)."""
+        if self.engine is None:
+            self._build()
+        return {
+            n: TensorInfo(n, tuple(int(d) for d in getattr(p, "ds_shape", p.shape))) for n, p in self._named
+        }
+
+    def manifest_state(self) -> State:
+        """The live model's trainable tensors (collective under ZeRO-3: every rank calls it)."""
+        if self.engine is None:
+            self._build()
+        return self._gather_state()
+
+    def load_global(self, state: State) -> None:
+        """Write the global trainable state into the live engine and start a fresh local optimizer.
+
+        Collective under ZeRO-3 (the partitioned parameters are gathered to be written).
+        """
+        import deepspeed
+        import torch
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        if self.engine is None:
+            self._build()
+        device = self.engine.device
+        with torch.no_grad():
+            for name, p in self._named:
+                value = torch.from_numpy(np.ascontiguousarray(state[name])).to(device)
+                # The optimizer's fp32 master copy (ZeRO 1-3, bf16): the next step writes it back.
+                safe_set_full_fp32_param(p, value)
+                # The parameter the forward pass reads (partitioned under ZeRO-3).
+                if hasattr(p, "ds_id"):
+                    with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                        if self.rank == 0:
+                            p.data.copy_(value.reshape(p.shape).to(p.dtype))
+                else:
+                    p.data.copy_(value.reshape(p.shape).to(p.dtype))
+        self._reset_optimizer()
+
+    def _reset_optimizer(self) -> None:
+        """Zero the moments in place (no reallocation) and put the step counts back."""
+        import torch
+
+        opt = self._optimizer
+        for p in list(opt.state):
+            st = opt.state[p]
+            if id(p) not in self._fresh_steps:
+                del opt.state[p]  # lazily initialised: absent is fresh
+                continue
+            for key, value in st.items():
+                if key == "step":
+                    fresh = self._fresh_steps[id(p)]
+                    if isinstance(value, torch.Tensor):
+                        value.copy_(fresh)
+                    else:
+                        st[key] = fresh
+                elif isinstance(value, torch.Tensor):
+                    value.zero_()
+
+    # ----- a round ---------------------------------------------------------------------------------
+
+    def train(
+        self, round_number: int, global_state: State, extras: State | None = None, load: bool = True
+    ) -> RoundResult:
+        """`load=False`: the caller already loaded `global_state` (load_global) and ran nothing
+        but evaluation since."""
+        import torch
+        import torch.distributed as dist
+
+        t = self.job.spec.training
+        if load:
+            self.load_global(global_state)
+        engine = self.engine
         engine.train()
-        # Different windows on every rank, silo and round, reproducible from the job's seed.
-        rng = np.random.default_rng([t.seed, round_number, self.rank, *self.silo.encode()])
-        losses = []
-        adjust = GradientAdjustment.for_job(self.job, global_state, extras or {})
-        named = modeling.trainable_parameters(engine.module)
+        # Different windows (and dropout masks) on every rank, silo and round, reproducible
+        # from the job's seed whatever happened in earlier rounds.
+        key = [t.seed, round_number, self.rank, *self.silo.encode()]
+        rng = np.random.default_rng(key)
+        torch.manual_seed(zlib.crc32(np.asarray(key, dtype=np.int64).tobytes()))
+        adjust = GradientAdjustment.for_job(self.job, global_state, extras or {}, engine.device)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=engine.device)
         for _ in range(self.local_steps):
-            batch = torch.from_numpy(self.corpus.random_batch(rng, t.batch_size, t.sequence_length)).to(
-                engine.device
-            )
+            batch = torch.from_numpy(self.corpus.random_batch(rng, t.batch_size, t.sequence_length))
+            batch = batch.to(engine.device, non_blocking=True)
             loss = engine(input_ids=batch, labels=batch).loss
-            losses.append(float(loss.detach()))  # the data loss, comparable across algorithms
+            loss_sum += loss.detach().float()  # the data loss, comparable across algorithms
             engine.backward(loss)
             if adjust is not None:
-                adjust.apply(named)
+                adjust.apply(self._named)
             engine.step()
-        mean = torch.tensor([float(np.mean(losses))], dtype=torch.float64)
+        mean = loss_sum / self.local_steps
         dist.all_reduce(mean)
-        state = self._gather_state(engine)
-        engine.destroy()
+        # Every rank takes part in the gather (collective under ZeRO-3); only rank 0 uploads,
+        # so only rank 0 keeps a host copy of the trained state.
+        state = self._gather_state(keep=self.rank == 0)
         out = adjust.result(self.local_steps) if adjust is not None else {}
         return RoundResult(state, float(mean.item()) / self.world_size, self.local_steps, out)
 
-    def _gather_state(self, engine: Any) -> State:
-        """Full fp32 trainable parameters. Collective under ZeRO-3: every rank must call it."""
+    def evaluate(self) -> Evaluation | None:
+        """The live model's loss on this silo's held-out text (after load_global: the global model's).
+
+        Every rank evaluates its share of the windows, on its own device; collective.
+        """
+        import torch
+        import torch.distributed as dist
+
+        if self.eval_samples == 0:
+            return None
+        if self.engine is None:
+            self._build()
+        engine = self.engine
+        engine.eval()
+        total = torch.zeros((), dtype=torch.float32, device=engine.device)
+        with torch.no_grad():
+            for b in self.eval_batches:
+                ids = torch.from_numpy(b).to(engine.device, non_blocking=True)
+                total += engine(input_ids=ids, labels=ids).loss.float()
+        total /= max(len(self.eval_batches), 1)
+        dist.all_reduce(total)
+        engine.train()
+        return Evaluation(float(total.item()) / self.world_size, self.eval_samples)
+
+    def _gather_state(self, keep: bool = True) -> State:
+        """Full fp32 trainable parameters (empty where not `keep`). Collective: every rank calls it."""
         import deepspeed
         from deepspeed.utils import safe_get_full_fp32_param
 
         out: State = {}
-        for name, p in modeling.trainable_parameters(engine.module):
+        for name, p in self._named:
             value = safe_get_full_fp32_param(p)
             if value is None:  # no ZeRO optimizer owns it (stage 0 in fp32)
                 with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
                     value = p.detach().clone()
-            out[name] = value.detach().float().cpu().numpy().copy()
+            if keep:
+                out[name] = value.detach().float().cpu().numpy()
         return out
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.destroy()
+            self.engine = None
+
+
+def _split_eval(job: FederatedJob, silo: str, corpus: TextCorpus) -> tuple[TextCorpus, TextCorpus | None]:
+    """Training text and held-out text: the silo's eval folder, or the tail of its own text."""
+    ev = job.spec.evaluation
+    spec = job.silo(silo)
+    if ev.batches == 0:
+        return corpus, None
+    if spec.data.eval is not None:
+        return corpus, TextCorpus.from_folder(spec.data.eval.path)
+    cut = int(corpus.tokens.size * (1 - ev.held_out_fraction))
+    # The tail, not a random sample: windows never straddle training and held-out text.
+    return TextCorpus(corpus.tokens[:cut], corpus.files), TextCorpus(corpus.tokens[cut:], 1)
+
+
+def _eval_batches(job: FederatedJob, held_out: TextCorpus | None, rank: int, world: int) -> list[Any]:
+    """This rank's share of the fixed held-out windows: the same windows every round."""
+    if held_out is None:
+        return []
+    t = job.spec.training
+    n = job.spec.evaluation.batches
+    batches = held_out.fixed_batches(n * world, t.batch_size, t.sequence_length)
+    return batches[rank * n : (rank + 1) * n]
 
 
 class GradientAdjustment:
@@ -176,30 +361,33 @@ class GradientAdjustment:
     makes them, for every trainable tensor, in the same order.
     """
 
-    def __init__(self, mu: float, anchor: State, correction: State | None) -> None:
+    def __init__(self, mu: float, anchor: State, correction: State | None, device: Any = "cpu") -> None:
         import torch
 
+        # Everything on the rank's device: the step loop never copies through the host.
         self.mu = mu
         self.shapes = {n: v.shape for n, v in anchor.items()}
-        self.anchor = {n: torch.from_numpy(v) for n, v in anchor.items()} if mu > 0 else {}
-        self.correction = {n: torch.from_numpy(v) for n, v in (correction or {}).items()}
+        self.anchor = {n: torch.from_numpy(v).to(device) for n, v in anchor.items()} if mu > 0 else {}
+        self.correction = {n: torch.from_numpy(v).to(device) for n, v in (correction or {}).items()}
         self.grad_sum = (
-            {n: torch.zeros(v.shape, dtype=torch.float64) for n, v in anchor.items()}
+            {n: torch.zeros(v.shape, dtype=torch.float32, device=device) for n, v in anchor.items()}
             if correction is not None
             else None
         )
 
     @classmethod
-    def for_job(cls, job: FederatedJob, global_state: State, extras: State) -> GradientAdjustment | None:
+    def for_job(
+        cls, job: FederatedJob, global_state: State, extras: State, device: Any = "cpu"
+    ) -> GradientAdjustment | None:
         from fedjob.aggregation import Scaffold
 
         agg = job.spec.aggregation
         if agg.algorithm == "fedprox" and agg.proximal_mu > 0:
-            return cls(agg.proximal_mu, global_state, None)
+            return cls(agg.proximal_mu, global_state, None, device)
         if agg.algorithm == "scaffold":
             p = Scaffold.CORRECTION
             correction = {n: extras[p + n] for n in global_state}
-            return cls(0.0, global_state, correction)
+            return cls(0.0, global_state, correction, device)
         return None
 
     def apply(self, named: list[tuple[str, Any]]) -> None:
@@ -210,16 +398,16 @@ class GradientAdjustment:
             if grad is None:
                 continue
             shape = self.shapes[name]
-            raw = grad.detach().float().cpu().reshape(shape)
+            raw = grad.detach().float().reshape(shape)
             if self.grad_sum is not None:
                 self.grad_sum[name] += raw
             new = raw
             if self.mu > 0:
                 w32 = safe_get_full_fp32_param(p)
-                w = (p if w32 is None else w32).detach().float().cpu().reshape(shape)
-                new = new + self.mu * (w - self.anchor[name])
+                w = (p if w32 is None else w32).detach().float().reshape(shape)
+                new = new + self.mu * (w - self.anchor[name].to(w.device))
             if name in self.correction:
-                new = new + self.correction[name].reshape(shape)
+                new = new + self.correction[name].to(new.device)
             safe_set_full_grad(p, new.reshape(grad.shape).to(dtype=grad.dtype, device=grad.device))
 
     def result(self, steps: int) -> State:
@@ -229,6 +417,6 @@ class GradientAdjustment:
         if self.grad_sum is None:
             return {}
         return {
-            Scaffold.VARIATE + n: (g / max(steps, 1)).numpy().astype(np.float32)
+            Scaffold.VARIATE + n: (g / max(steps, 1)).cpu().numpy().astype(np.float32)
             for n, g in self.grad_sum.items()
         }
