@@ -14,6 +14,14 @@ parameter. The aggregator process reports:
   the transfer time (round open until the last update is folded).
 
     .venv/bin/python bench/scale.py [--params 50e6 200e6 1e9] [--silos 2 8 32] [--rounds 2]
+    .venv/bin/python bench/scale.py --lora 1.1B 6.7B --silos 2 8 32
+
+`--lora` runs LoRA jobs (r 16 on q/k/v/o) on Llama-shaped models of those sizes instead:
+the model folder holds only `config.json`, so a test that the aggregator never reads,
+let alone materialises, the frozen base weights (the target: under 1.5 GiB for 6.7B).
+The aggregator takes its manifest and initial adapters from the job as in production
+(`modeling.trainable_manifest`, `modeling.initial_state`) and writes the trained adapter
+at the end.
 
 Downloads are streamed by every silo while the model is at most --download-limit
 parameters (default 250M); above it by two silos only (32 silos x 4 GB of float32 per
@@ -33,6 +41,7 @@ import threading
 import time
 import uuid
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,15 +59,36 @@ CHUNK = 1 << 20
 TENSOR = 32 << 20  # elements per synthetic tensor (a 4096 x 8192 projection)
 
 
-def make_job(silos: int, rounds: int) -> FederatedJob:
+# Llama shapes of bench/gpu.py, vocabulary 32000.
+LLAMA: dict[str, dict[str, int]] = {
+    "1.1B": dict(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+    ),
+    "6.7B": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+    ),
+}
+LORA = {"r": 16, "alpha": 32, "targetModules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+
+
+def make_job(silos: int, rounds: int, lora_model: str | None = None) -> FederatedJob:
+    training: dict[str, Any] = {"mode": "lora", "lora": LORA} if lora_model else {"mode": "full"}
     return parse_job(
         {
             "apiVersion": "fedjob.io/v1alpha1",
             "kind": "FederatedJob",
             "metadata": {"name": "scale"},
             "spec": {
-                "model": {"path": "/synthetic"},
-                "training": {"mode": "full"},
+                "model": {"path": lora_model or "/synthetic"},
+                "training": training,
                 "rounds": rounds,
                 "silos": [{"name": f"s{i}", "data": {"path": "/synthetic"}} for i in range(silos)],
                 "aggregation": {"minSilos": silos, "roundDeadlineSeconds": 7200},
@@ -66,6 +96,21 @@ def make_job(silos: int, rounds: int) -> FederatedJob:
             },
         }
     )
+
+
+def config_only_model(folder: Path, size: str) -> Path:
+    """A Llama model folder with its config and no weights: the aggregator must not need them."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=32000, max_position_embeddings=2048, **LLAMA[size]).save_pretrained(folder)
+    return folder
+
+
+def llama_params(size: str) -> int:
+    c = LLAMA[size]
+    h, i, n = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
+    kv = h * c["num_key_value_heads"] // c["num_attention_heads"]
+    return 2 * 32000 * h + n * (2 * h * h + 2 * h * kv + 3 * h * i + 2 * h) + h
 
 
 def manifest(params: int) -> dict[str, TensorInfo]:
@@ -81,7 +126,7 @@ def manifest(params: int) -> dict[str, TensorInfo]:
 # ----- the aggregator process -------------------------------------------------------------------
 
 
-def serve(params: int, silos: int, rounds: int, workdir: Path, certs: Path) -> None:
+def serve(params: int, silos: int, rounds: int, workdir: Path, certs: Path, lora_model: str | None) -> None:
     from fedjob_aggregator.coordinator import Coordinator
     from fedjob_aggregator.metrics import AggregatorMetrics
     from fedjob_aggregator.server import _return_large_buffers_to_the_kernel, build_server
@@ -91,26 +136,54 @@ def serve(params: int, silos: int, rounds: int, workdir: Path, certs: Path) -> N
     from fedjob.tls import CertFiles
 
     _return_large_buffers_to_the_kernel()
-    job = make_job(silos, rounds)
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    man = manifest(params)
+    job = make_job(silos, rounds, lora_model)
+    finalize: Callable[[dict[str, Any]], None] | None = None
+    if lora_model:
+        # The production path: manifest and initial adapters over a hollow base, the
+        # adapter written at the end. The baseline includes torch, transformers and peft.
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
 
-    def initial() -> dict[str, Any]:
-        # Written, so resident: a loaded model, not lazily mapped zeros.
-        return {n: np.full(t.shape, 0.01, np.float32) for n, t in man.items()}
+        from fedjob import modeling
 
-    coord = Coordinator(job, FedAvg(), initial, workdir, manifest=man)
+        baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        man = modeling.trainable_manifest(job)
+
+        def initial() -> dict[str, Any]:
+            return modeling.initial_state(job, man)
+
+        def write_adapter(state: dict[str, Any]) -> None:
+            modeling.save_result(job, state, workdir / "result")
+
+        finalize = write_adapter
+
+    else:
+        baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        man = manifest(params)
+
+        def initial() -> dict[str, Any]:
+            # Written, so resident: a loaded model, not lazily mapped zeros.
+            return {n: np.full(t.shape, 0.01, np.float32) for n, t in man.items()}
+
+    coord = Coordinator(job, FedAvg(), initial, workdir, manifest=man, finalize=finalize)
     metrics = AggregatorMetrics(job)
     server, port, _ = build_server(
         job, FederatedTrainingServicer(job, coord, metrics), CertFiles(certs), "127.0.0.1", 0
     )
     server.start()
-    print(json.dumps({"port": port}), flush=True)
+    # The silos upload what the aggregator expects: its manifest goes with the port.
+    print(json.dumps({"port": port, "manifest": {n: list(t.shape) for n, t in man.items()}}), flush=True)
     phase = coord.run()
     time.sleep(1)  # let the silos hear DONE
     server.stop(1).wait()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    report = {"phase": phase, "baseline": baseline, "peak": peak, "history": coord.history}
+    report = {
+        "phase": phase,
+        "baseline": baseline,
+        "peak": peak,
+        "history": coord.history,
+        "trainable": sum(t.size for t in man.values()),
+    }
     print(json.dumps(report), flush=True)
 
 
@@ -181,21 +254,23 @@ def silo(address: str, certs: Path, name: str, man: dict[str, TensorInfo], downl
         done = task.round
 
 
-def one(params: int, silos: int, rounds: int, download_limit: float) -> dict[str, Any]:
+def one(
+    params: int, silos: int, rounds: int, download_limit: float, lora: str | None = None
+) -> dict[str, Any]:
     from fedjob.tls import write_job_certs
 
     job = make_job(silos, rounds)
     with tempfile.TemporaryDirectory() as tmp:
         certs = Path(tmp) / "certs"
         write_job_certs(certs, job.name, job.silo_names())
-        agg = subprocess.Popen(
-            [sys.executable, __file__, "--serve", str(params), str(silos), str(rounds), tmp, str(certs)],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        cmd = [sys.executable, __file__, "--serve", str(params), str(silos), str(rounds), tmp, str(certs)]
+        if lora:
+            cmd += ["--lora-model", str(config_only_model(Path(tmp) / "model", lora))]
+        agg = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         assert agg.stdout is not None
-        port = json.loads(agg.stdout.readline())["port"]
-        man = manifest(params)
+        hello = json.loads(agg.stdout.readline())
+        port = hello["port"]
+        man = {n: TensorInfo(n, tuple(shape)) for n, shape in hello["manifest"].items()}
         downloaders = silos if params <= download_limit else min(2, silos)
         threads = [
             threading.Thread(
@@ -220,12 +295,19 @@ def main() -> None:
     ap.add_argument("--silos", type=int, nargs="+", default=[2, 8, 32])
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--download-limit", type=float, default=250e6)
+    ap.add_argument(
+        "--lora", nargs="+", choices=sorted(LLAMA), help="LoRA jobs on these Llama shapes instead"
+    )
+    ap.add_argument("--lora-model", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
         p, s, r, workdir, certs = args.serve
-        serve(int(p), int(s), int(r), Path(workdir), Path(certs))
+        serve(int(p), int(s), int(r), Path(workdir), Path(certs), args.lora_model)
         return
     cpus = os.cpu_count()
+    if args.lora:
+        lora_table(args.lora, args.silos, args.rounds)
+        return
     print(f"fedjob aggregator at scale: full-weight FedAvg, int8 uploads, 1 MiB chunks; {cpus} CPUs")
     print(
         "| parameters | silos | fp32 state GiB | peak RSS GiB | peak / state | (peak - baseline) / state "
@@ -246,6 +328,31 @@ def main() -> None:
                 f"| {r['peak'] / state:.2f} | {(r['peak'] - r['baseline']) / state:.2f} | {bound / GIB:.2f} "
                 f"| {'yes' if r['peak'] <= bound else 'NO'} | {transfer:.1f} | {gap:.2f} "
                 f"| {r['downloaders']} |",
+                flush=True,
+            )
+
+
+def lora_table(sizes: list[str], silo_counts: list[int], rounds: int) -> None:
+    cpus = os.cpu_count()
+    print(f"fedjob aggregator, LoRA r16 q/k/v/o on Llama shapes (config only, no weights); {cpus} CPUs")
+    print(
+        "| model | base fp32 GiB | trainable | silos | peak RSS GiB | baseline GiB "
+        "| (peak - baseline) / adapter "
+        "| target < 1.5 GiB | transfer s/round | close-to-open s |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---|---:|---:|")
+    for size in sizes:
+        for silos in silo_counts:
+            r = one(0, silos, rounds, float("inf"), lora=size)
+            hist = r["history"]
+            transfer = np.mean([h["seconds"] - h["close_seconds"] for h in hist])
+            gap = np.mean([h["close_seconds"] for h in hist])
+            adapter = 4 * r["trainable"]
+            print(
+                f"| {size} | {4 * llama_params(size) / GIB:.1f} | {r['trainable'] / 1e6:.1f}M | {silos} "
+                f"| {r['peak'] / GIB:.2f} | {r['baseline'] / GIB:.2f} "
+                f"| {(r['peak'] - r['baseline']) / adapter:.2f} "
+                f"| {'yes' if r['peak'] < 1.5 * GIB else 'NO'} | {transfer:.1f} | {gap:.2f} |",
                 flush=True,
             )
 

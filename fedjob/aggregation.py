@@ -12,15 +12,15 @@ docs/algorithms.md).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from fedjob.chunking import State, TensorInfo
 from fedjob.codec import F32
-from fedjob.spec import AggregationSpec
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,21 @@ class UpdateMeta:
     # Federated evaluation of the model the round started from (samples 0: none).
     eval_loss: float = float("nan")
     eval_samples: int = 0
+    # The sample count the header claimed, when a cap (silos[].maxSamples) lowered it; 0: as num_samples.
+    claimed_samples: int = 0
+
+
+class RoundAggregate(Protocol):
+    """What a strategy gets at the end of a round: the updates' weighted mean, and who contributed."""
+
+    @property
+    def contributors(self) -> Sequence[UpdateMeta]: ...
+
+    @property
+    def total_weight(self) -> float: ...
+
+    def take_mean(self) -> State:
+        """The weighted mean delta, in buffers the strategy may keep (call once)."""
 
 
 class RunningSum:
@@ -95,12 +110,19 @@ class Strategy(ABC):
     """
 
     name: str
+    # True when the strategy needs every update of the round at once (robust rules):
+    # the aggregator then collects them on disk instead of keeping a running sum.
+    collects: bool = False
 
     @abstractmethod
     def weight(self, meta: UpdateMeta) -> float: ...
 
+    def update_scale(self, norm: float) -> float:
+        """Factor applied to an update of L2 norm `norm` before it counts (a norm bound); 1 keeps it."""
+        return 1.0
+
     @abstractmethod
-    def apply(self, global_state: State, total: RunningSum, round_number: int) -> State: ...
+    def apply(self, global_state: State, total: RoundAggregate, round_number: int) -> State: ...
 
     def state(self) -> dict[str, F32]:
         return {}
@@ -144,7 +166,7 @@ class FedAvg(Strategy):
     def weight(self, meta: UpdateMeta) -> float:
         return float(max(meta.num_samples, 1))
 
-    def apply(self, global_state: State, total: RunningSum, round_number: int) -> State:
+    def apply(self, global_state: State, total: RoundAggregate, round_number: int) -> State:
         return _add(global_state, total.take_mean())
 
 
@@ -166,7 +188,7 @@ class FedNova(Strategy):
     def weight(self, meta: UpdateMeta) -> float:
         return float(max(meta.num_samples, 1)) / max(meta.local_steps, 1)
 
-    def apply(self, global_state: State, total: RunningSum, round_number: int) -> State:
+    def apply(self, global_state: State, total: RoundAggregate, round_number: int) -> State:
         n = sum(max(m.num_samples, 1) for m in total.contributors)
         tau_eff = sum(max(m.num_samples, 1) * max(m.local_steps, 1) for m in total.contributors) / n
         raw = total.take_mean()  # sum_i (n_i / tau_i) d_i / sum_i (n_i / tau_i)
@@ -195,7 +217,7 @@ class ServerOptimizer(Strategy):
     def second_moment(self, v: F32, d: F32) -> F32:
         """The new second moment; may update `v` in place and return it."""
 
-    def apply(self, global_state: State, total: RunningSum, round_number: int) -> State:
+    def apply(self, global_state: State, total: RoundAggregate, round_number: int) -> State:
         delta = total.take_mean()
         for k, d in delta.items():
             if k not in self.m:
@@ -299,7 +321,7 @@ class Scaffold(Strategy):
         buf = self.pending.setdefault(silo, {}).setdefault(name, np.zeros(info.size, dtype=np.float32))
         buf[offset : offset + values.size] = values
 
-    def apply(self, global_state: State, total: RunningSum, round_number: int) -> State:
+    def apply(self, global_state: State, total: RoundAggregate, round_number: int) -> State:
         new = _add(global_state, total.take_mean())
         for meta in total.contributors:
             got = self.pending.get(meta.silo, {})
@@ -336,21 +358,3 @@ class Scaffold(Strategy):
                 self.weights[rest] = float(v[0])
             else:
                 raise ValueError(f"scaffold: unexpected checkpoint entry {key!r}")
-
-
-def make_strategy(aggregation: AggregationSpec, num_silos: int) -> Strategy:
-    """The strategy a job's `spec.aggregation` names, with its parameters."""
-    a = aggregation
-    if a.algorithm == "scaffold":
-        return Scaffold(num_silos)
-    simple: dict[str, type[Strategy]] = {"fedavg": FedAvg, "fedprox": FedProx, "fednova": FedNova}
-    if a.algorithm in simple:
-        return simple[a.algorithm]()
-    optimisers: dict[str, type[ServerOptimizer]] = {
-        "fedadam": FedAdam,
-        "fedyogi": FedYogi,
-        "fedadagrad": FedAdagrad,
-    }
-    if a.algorithm in optimisers:
-        return optimisers[a.algorithm](a.server_learning_rate, a.beta1, a.beta2, a.tau)
-    raise ValueError(f"unknown aggregation algorithm {a.algorithm!r}")

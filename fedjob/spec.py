@@ -38,6 +38,7 @@ TrainingMode = Literal["pretrain", "full", "lora", "prefix", "prompt", "adapter"
 PEFT_MODES = ("lora", "prefix", "prompt", "adapter")
 Codec = Literal["none", "fp16", "bf16", "int8"]
 Algorithm = Literal["fedavg", "fedprox", "scaffold", "fednova", "fedadam", "fedyogi", "fedadagrad"]
+RobustRule = Literal["median", "trimmedMean", "multiKrum", "normBound"]
 
 
 class _Spec(BaseModel):
@@ -194,6 +195,12 @@ class SiloSpec(_Spec):
         description="This silo's local steps per round, when it differs from training.localSteps "
         "(silos with more data or more compute; fednova normalises for it).",
     )
+    max_samples: int | None = Field(
+        None,
+        ge=1,
+        description="Cap on the sample count this silo may claim in its updates (its FedAvg weight); "
+        "larger claims count as this many.",
+    )
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     node_selector: dict[str, str] = {}
     tolerations: list[dict[str, Any]] = []
@@ -228,6 +235,29 @@ class EvalSpec(_Spec):
     batches: int = Field(8, ge=1, le=10000)
 
 
+class RobustSpec(_Spec):
+    """A robust rule in front of the algorithm: what one malicious or broken silo can do is bounded."""
+
+    rule: RobustRule = Field(
+        description="median / trimmedMean / multiKrum: combine every update of the round (kept on "
+        "the aggregator's disk, silos weighted equally); normBound: scale each update to maxNorm "
+        "and average as the algorithm does (streams)."
+    )
+    trim_fraction: float = Field(
+        0.1, gt=0, lt=0.5, description="trimmedMean: share of the largest and of the smallest values dropped."
+    )
+    byzantine: int = Field(1, ge=0, description="multiKrum: f, the malicious silos to tolerate.")
+    select: int | None = Field(
+        None, ge=1, description="multiKrum: updates averaged (default: those reporting minus byzantine)."
+    )
+    max_norm: float | None = Field(
+        None,
+        gt=0,
+        description="L2 bound on each update (the parameter deltas): required by normBound, optional "
+        "before the other rules.",
+    )
+
+
 class AggregationSpec(_Spec):
     algorithm: Algorithm = "fedavg"
     min_silos: int = Field(1, ge=1)
@@ -239,6 +269,14 @@ class AggregationSpec(_Spec):
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.99, ge=0, lt=1)
     tau: float = Field(1e-3, gt=0, description="Adaptivity: the optimisers' epsilon.")
+    robust: RobustSpec | None = None
+    max_weight_share: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="No silo's update may carry more than this share of a round's total weight; the "
+        "excess is spread over the others in proportion.",
+    )
 
 
 class CompressionSpec(_Spec):
@@ -295,11 +333,57 @@ class JobSpec(_Spec):
                     raise ValueError(
                         f"silos[{i}].data.eval: needs evaluation.batches > 0 (federated evaluation is off)"
                     )
+        self._aggregation_rules()
         if self.training.mode != "pretrain" and self.model.path is None:
             raise ValueError(
                 f"model.path: training mode {self.training.mode!r} starts from a pretrained model"
             )
         return self
+
+    def _aggregation_rules(self) -> None:
+        """Combinations of algorithm and robust rule that cannot work, named with the reason."""
+        a, r = self.aggregation, self.aggregation.robust
+        if a.max_weight_share < 1 and a.algorithm == "fednova":
+            raise ValueError(
+                "aggregation.maxWeightShare: fednova normalises by the silos' own sample counts and "
+                "steps; cap claims with silos[].maxSamples instead"
+            )
+        if r is None:
+            return
+        if r.rule == "normBound" and r.max_norm is None:
+            raise ValueError("aggregation.robust.maxNorm: required by rule normBound")
+        if r.rule == "normBound":
+            return
+        if a.algorithm in ("fednova", "scaffold"):
+            raise ValueError(
+                f"aggregation.robust.rule: {r.rule} cannot combine with {a.algorithm} ({a.algorithm} "
+                "needs the sample-weighted mean of every update; use normBound)"
+            )
+        n = len(self.silos)
+        if r.rule == "trimmedMean" and int(r.trim_fraction * n) == 0:
+            raise ValueError(
+                f"aggregation.robust.trimFraction: {r.trim_fraction} of {n} silos trims nothing; "
+                f"needs at least {1 / n:.3g}"
+            )
+        if r.rule == "trimmedMean" and 2 * int(r.trim_fraction * a.min_silos) >= a.min_silos:
+            raise ValueError(
+                f"aggregation.robust.trimFraction: trimming {r.trim_fraction} of each end leaves nothing "
+                f"of a round with minSilos = {a.min_silos}"
+            )
+        if r.rule == "multiKrum":
+            if a.min_silos < 2 * r.byzantine + 3:
+                raise ValueError(
+                    f"aggregation.robust.byzantine: multiKrum tolerates f silos only when every round has "
+                    f"at least 2f + 3; minSilos is {a.min_silos}, f = {r.byzantine} needs "
+                    f"{2 * r.byzantine + 3}"
+                )
+            if r.select is not None and r.select > n:
+                raise ValueError(f"aggregation.robust.select: at most the number of silos ({n})")
+        if r.rule == "median" and a.min_silos < 3:
+            raise ValueError(
+                f"aggregation.robust.rule: a median of fewer than 3 updates is their mean; minSilos is "
+                f"{a.min_silos}, needs at least 3"
+            )
 
 
 class FederatedJob(BaseModel):

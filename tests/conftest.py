@@ -13,13 +13,14 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from fedjob_aggregator.admission import IdleWatch
 from fedjob_aggregator.coordinator import Coordinator
 from fedjob_aggregator.metrics import AggregatorMetrics
 from fedjob_aggregator.server import build_server
 from fedjob_aggregator.servicer import FederatedTrainingServicer
 
-from fedjob.aggregation import FedAvg
 from fedjob.spec import FederatedJob, parse_job
+from fedjob.strategies import make_strategy
 from fedjob.tls import CertFiles, write_job_certs
 from fedjob.v1 import fedjob_pb2_grpc as pb_grpc
 
@@ -109,13 +110,17 @@ def live_aggregator(tmp_path: Path, small_state: dict[str, np.ndarray]) -> Itera
 
 
 @contextlib.contextmanager
-def serve_live(tmp_path: Path, job: FederatedJob, state: dict[str, np.ndarray]) -> Iterator[LiveAggregator]:
-    """A real aggregator for `job` (FedAvg over `state`) on loopback with mTLS, until the block ends."""
+def serve_live(
+    tmp_path: Path, job: FederatedJob, state: dict[str, np.ndarray], watch: IdleWatch | None = None
+) -> Iterator[LiveAggregator]:
+    """A real aggregator for `job` (its strategy over `state`) on loopback with mTLS, until the block ends."""
     small_state = state
     certs = write_job_certs(tmp_path / "certs", job.name, job.silo_names())
-    coord = Coordinator(job, FedAvg(), small_state, tmp_path / "work")
+    strategy = make_strategy(job.spec.aggregation, len(job.spec.silos))
+    coord = Coordinator(job, strategy, small_state, tmp_path / "work")
     metrics = AggregatorMetrics(job)
-    server, port, _ = build_server(job, FederatedTrainingServicer(job, coord, metrics), certs, "127.0.0.1", 0)
+    servicer = FederatedTrainingServicer(job, coord, metrics, watch)
+    server, port, _ = build_server(job, servicer, certs, "127.0.0.1", 0)
     server.start()
     stop = threading.Event()
     loop = threading.Thread(target=coord.run, args=(stop,), daemon=True)

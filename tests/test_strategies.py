@@ -18,11 +18,11 @@ from fedjob.aggregation import (
     ServerOptimizer,
     Strategy,
     UpdateMeta,
-    make_strategy,
 )
 from fedjob.checkpoint import Checkpoint, CheckpointStore
 from fedjob.chunking import manifest_of
 from fedjob.spec import parse_job
+from fedjob.strategies import make_strategy
 from tests.conftest import job_doc
 
 

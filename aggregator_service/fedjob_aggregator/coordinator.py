@@ -18,6 +18,7 @@ import functools
 import logging
 import math
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -27,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from fedjob.aggregation import RunningSum, Strategy, UpdateMeta
+from fedjob.aggregation import Strategy, UpdateMeta
 from fedjob.checkpoint import Checkpoint, CheckpointStore, CheckpointWriter
 from fedjob.chunking import (
     ChunkRejected,
@@ -38,8 +39,15 @@ from fedjob.chunking import (
     manifest_of,
 )
 from fedjob.codec import DOWNLOAD_CODEC, Codec
+from fedjob.robust import CoordinateSample
 from fedjob.spec import FederatedJob
 from fedjob.v1 import fedjob_pb2 as pb
+from fedjob_aggregator.round_aggregators import (
+    CollectingAggregator,
+    RoundAggregator,
+    StreamingAggregator,
+    UpdateScore,
+)
 from fedjob_aggregator.upload_session import SessionClosed, UploadSession
 
 log = logging.getLogger("fedjob.aggregator")
@@ -70,6 +78,12 @@ class SiloState:
     last_train_loss: float = math.nan
     bytes_up: int = 0
     bytes_down: int = 0
+    last_score: UpdateScore | None = None
+    scored_round: int = 0
+
+
+# A sample count beyond any corpus (2^40 windows): a header claiming more is implausible.
+MAX_CLAIMED_SAMPLES = 1 << 40
 
 
 @dataclass
@@ -77,7 +91,7 @@ class RoundState:
     number: int
     opened: float
     deadline: float
-    total: RunningSum
+    aggregator: RoundAggregator
     reported: dict[str, UpdateMeta] = field(default_factory=dict)
     in_flight: dict[str, UploadSession] = field(default_factory=dict)
     bytes_up: dict[str, int] = field(default_factory=dict)
@@ -131,7 +145,11 @@ class Coordinator:
         self.store = CheckpointStore(workdir / "checkpoints")
         self.writer = CheckpointWriter(self.store)
         self.spool_dir = workdir / "spool"
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        # Whatever a crash left here belonged to the round in flight, which restarts.
+        if self.spool_dir.exists():
+            shutil.rmtree(self.spool_dir)
+        self.spool_dir.mkdir(parents=True)
+        self.sample = CoordinateSample(self.manifest, seed=job.spec.training.seed)
         self.metrics_path = workdir / "metrics.jsonl"
         self.cond = threading.Condition()
         self._fold_lock = threading.Lock()  # one update at a time into the sum
@@ -189,8 +207,7 @@ class Coordinator:
             number=number,
             opened=now,
             deadline=now + (2 * limit if waiting else limit),
-            # The final evaluation folds nothing: no sum.
-            total=RunningSum({} if evaluation_only else self.manifest, buffers=self._spare),
+            aggregator=self._round_aggregator(number, evaluation_only),
             clock_started=not waiting,
             evaluation_only=evaluation_only,
         )
@@ -200,6 +217,15 @@ class Coordinator:
         log.info("round %d open (deadline in %.0f s)", number, self.spec.aggregation.round_deadline_seconds)
         self.observe("round_open", {"round": number})
         self.cond.notify_all()
+
+    def _round_aggregator(self, number: int, evaluation_only: bool) -> RoundAggregator:
+        if evaluation_only:  # the final evaluation folds nothing
+            return StreamingAggregator({}, self.strategy, self.sample)
+        if self.strategy.collects:
+            return CollectingAggregator(
+                self.manifest, self.strategy, self.sample, self.spool_dir / f"r{number}", buffers=self._spare
+            )
+        return StreamingAggregator(self.manifest, self.strategy, self.sample, buffers=self._spare)
 
     def run(self, stop: threading.Event | None = None) -> str:
         """Drive rounds until the job ends; returns the final phase."""
@@ -248,6 +274,7 @@ class Coordinator:
             )
             log.error(self.message)
             self.observe("failed", {"round": rnd.number, "message": self.message})
+            rnd.aggregator.close()
             self.current = None
             return
         started = time.time()
@@ -258,7 +285,12 @@ class Coordinator:
             # The previous round's checkpoint is streamed from old_state and the strategy's
             # state, which apply() is about to change in place: it must be on disk first.
             self.writer.wait()
-            new_state = self.strategy.apply(old_state, rnd.total, rnd.number)
+            try:
+                aggregate = rnd.aggregator.finish(self.spec.aggregation.max_weight_share)
+                new_state = self.strategy.apply(old_state, aggregate, rnd.number)
+                scores = rnd.aggregator.scores(self.strategy)
+            finally:
+                rnd.aggregator.close()
             eval_loss = self.evaluate(new_state) if self.evaluate else math.nan
             if last and self.finalize:
                 self.finalize(new_state)
@@ -279,11 +311,15 @@ class Coordinator:
             "silo_bytes_up": dict(sorted(rnd.bytes_up.items())),
             "compression_ratio": rnd.raw_up / sent_up if sent_up else None,
             "rejected_updates": rnd.rejected,
+            # How each update counted (weight share after caps, norm bound) and how it compared.
+            "silo_updates": {sc.silo: sc.record() for sc in sorted(scores, key=lambda sc: sc.silo)},
             "seconds": round(time.time() - rnd.opened, 3),
             "aggregation_seconds": round(time.time() - started, 3),
             # From "every update is in (or the deadline)" to the next round opening.
             "close_seconds": round(time.time() - close_started, 3),
         }
+        for sc in scores:
+            self.silos[sc.silo].last_score, self.silos[sc.silo].scored_round = sc, rnd.number
         earlier_changed = self._record_evaluation(rnd, record)
         self.history.append(record)
         # Downloads still streaming the old model stop at their next slice; its buffers
@@ -519,12 +555,7 @@ class Coordinator:
                     "not_training",
                     f"round {rnd.number} only evaluates the final model; use ReportEvaluation",
                 )
-            if header.num_samples == 0 or not math.isfinite(header.train_loss) or header.local_steps == 0:
-                raise Refused(
-                    "INVALID_ARGUMENT",
-                    "bad_header",
-                    "header needs num_samples > 0, local_steps > 0 and a finite train_loss",
-                )
+            self._check_claims(silo, header)
             if header.total_chunks != self.expected_chunks:
                 raise Refused(
                     "INVALID_ARGUMENT",
@@ -560,13 +591,16 @@ class Coordinator:
                     "out_of_order",
                     f"nothing held for upload {header.upload_id!r}; start at chunk 0",
                 )
+            claimed = int(header.num_samples)
+            cap = self.job.silo(silo).max_samples
             meta = UpdateMeta(
                 silo,
-                int(header.num_samples),
+                min(claimed, cap) if cap else claimed,
                 int(header.local_steps),
                 float(header.train_loss),
                 float(header.eval_loss) if header.eval_samples else math.nan,
                 int(header.eval_samples),
+                claimed_samples=claimed if cap and claimed > cap else 0,
             )
             up = UploadSession.open(
                 silo=silo,
@@ -579,10 +613,35 @@ class Coordinator:
                 manifest=self.upload_manifest,
                 codec=self.codec,
                 chunk_bytes=self.chunk_bytes,
+                parameters=frozenset(self.manifest),
             )
             rnd.in_flight[silo] = up
             self.silos[silo].state = "uploading"
             return up
+
+    def _check_claims(self, silo: str, header: pb.UpdateHeader) -> None:
+        """The header's numbers are the silo's word: refuse what no honest silo of this job sends."""
+        if header.num_samples == 0 or header.local_steps == 0 or not math.isfinite(header.train_loss):
+            raise Refused(
+                "INVALID_ARGUMENT",
+                "bad_header",
+                "header needs num_samples > 0, local_steps > 0 and a finite train_loss",
+            )
+        expected_steps = self.job.silo(silo).local_steps or self.spec.training.local_steps
+        if header.local_steps != expected_steps:
+            raise Refused(
+                "INVALID_ARGUMENT",
+                "implausible_header",
+                f"local_steps {header.local_steps}; {silo} runs {expected_steps} per round",
+            )
+        if header.num_samples > MAX_CLAIMED_SAMPLES:
+            raise Refused(
+                "INVALID_ARGUMENT",
+                "implausible_header",
+                f"num_samples {header.num_samples}; no corpus has more than {MAX_CLAIMED_SAMPLES} windows",
+            )
+        if header.train_loss < 0:
+            raise Refused("INVALID_ARGUMENT", "implausible_header", f"train_loss {header.train_loss} < 0")
 
     def add_chunk(self, up: UploadSession, chunk: pb.Chunk) -> None:
         with self.cond:
@@ -622,11 +681,7 @@ class Coordinator:
             # Outside the lock: folding a large update takes seconds and must not stall
             # status or other silos. The round's close waits for rnd.folding to drop.
             with self._fold_lock:
-                for name, offset, values in up.values():
-                    if name in self.manifest:
-                        rnd.total.fold(name, offset, values, up.weight)
-                    else:
-                        self.strategy.fold_extra(up.silo, self.upload_manifest[name], offset, values)
+                rnd.aggregator.add(up)
         except BaseException:
             with self.cond:
                 rnd.folding -= 1
@@ -635,12 +690,10 @@ class Coordinator:
                 self.cond.notify_all()
             raise
         with self.cond:
-            rnd.total.commit(up.meta, up.weight)
             rnd.reported[up.silo] = up.meta
             rnd.raw_up += up.raw_bytes
             rnd.in_flight.pop(up.silo, None)
             rnd.folding -= 1
-            up.discard()
             s = self.silos[up.silo]
             s.state, s.last_round, s.last_train_loss = "reported", rnd.number, up.meta.train_loss
             self.observe(
@@ -705,16 +758,7 @@ class Coordinator:
                 phase=self.phase,
                 round=self.completed,
                 total_rounds=self.spec.rounds,
-                silos=[
-                    pb.SiloStatus(
-                        name=n,
-                        state=s.state,
-                        last_round=s.last_round,
-                        last_train_loss=s.last_train_loss,
-                        bytes_up=s.bytes_up,
-                    )
-                    for n, s in self.silos.items()
-                ],
+                silos=[_silo_status(n, s) for n, s in self.silos.items()],
                 last_round=rm,
                 message=self.message,
                 updates_rejected=self.rejected_total,
@@ -726,6 +770,24 @@ class Coordinator:
             if r.get("federated_eval_loss") is not None:
                 return {"federated_eval_loss": r["federated_eval_loss"], "federated_eval_round": r["round"]}
         return {}
+
+
+def _silo_status(name: str, s: SiloState) -> pb.SiloStatus:
+    out = pb.SiloStatus(
+        name=name,
+        state=s.state,
+        last_round=s.last_round,
+        last_train_loss=s.last_train_loss,
+        bytes_up=s.bytes_up,
+    )
+    if s.last_score is not None:
+        sc = s.last_score
+        out.scored_round = s.scored_round
+        out.update_norm = sc.norm
+        out.update_cosine = sc.cosine
+        out.update_norm_zscore = sc.norm_zscore
+        out.weight_share = sc.weight_share
+    return out
 
 
 def _evaluation_fields(evals: dict[str, tuple[float, int]]) -> dict[str, Any]:

@@ -40,6 +40,10 @@ REASONS = (
     "bad_eval",
     "not_evaluating",
     "not_training",
+    "implausible_header",
+    "concurrent_upload",
+    "too_many_calls",
+    "idle_stream",
 )
 
 
@@ -123,6 +127,28 @@ class AggregatorMetrics:
             "fedjob_silo_rounds_missed", "Rounds a silo did not report in time.", sl, registry=r
         )
         self.updates = Counter("fedjob_updates_accepted", "Updates aggregated.", sl, registry=r)
+        # Anomaly scores of each silo's latest update (docs/metrics.md says how to read them).
+        self.update_norm = Gauge(
+            "fedjob_silo_update_norm", "L2 norm of the silo's latest update's deltas.", sl, registry=r
+        )
+        self.update_cosine = Gauge(
+            "fedjob_silo_update_cosine",
+            "Cosine of the silo's latest update to its round's aggregate delta.",
+            sl,
+            registry=r,
+        )
+        self.update_norm_zscore = Gauge(
+            "fedjob_silo_update_norm_zscore",
+            "z-score of the silo's latest update norm among its round's updates.",
+            sl,
+            registry=r,
+        )
+        self.weight_share = Gauge(
+            "fedjob_silo_weight_share",
+            "Share of its round's aggregate the silo's latest update carried (after caps; 0: left out).",
+            sl,
+            registry=r,
+        )
         self.rounds_total.labels(self.job).set(job.spec.rounds)
         self.expected.labels(self.job).set(len(job.spec.silos))
         self.deadline.labels(self.job).set(job.spec.aggregation.round_deadline_seconds)
@@ -166,6 +192,11 @@ class AggregatorMetrics:
                 self.updates.labels(*j, silo).inc()
             for silo in fields["missing"]:
                 self.missed.labels(*j, silo).inc()
+            for silo, sc in fields.get("silo_updates", {}).items():
+                self.update_norm.labels(*j, silo).set(sc["norm"])
+                self.update_cosine.labels(*j, silo).set(sc["cosine"])
+                self.update_norm_zscore.labels(*j, silo).set(sc["norm_zscore"])
+                self.weight_share.labels(*j, silo).set(sc["weight_share"])
         elif event == "federated_eval":
             self.federated_eval_loss.labels(*j).set(fields["federated_eval_loss"])
             self.federated_eval_round.labels(*j).set(fields["round"])

@@ -19,13 +19,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
 from fedjob import modeling
-from fedjob.aggregation import make_strategy
 from fedjob.checkpoint import atomic_write
 from fedjob.chunking import State
 from fedjob.spec import FederatedJob
+from fedjob.strategies import make_strategy
 from fedjob.textdata import TextCorpus
 from fedjob.tls import CertFiles
 from fedjob.v1 import fedjob_pb2_grpc as pb_grpc
+from fedjob_aggregator.admission import pool_size
 from fedjob_aggregator.coordinator import Coordinator
 from fedjob_aggregator.metrics import AggregatorMetrics
 from fedjob_aggregator.servicer import FederatedTrainingServicer
@@ -95,7 +96,9 @@ def build_server(
     ca, cert, key = certs.load("aggregator")
     limit = job.spec.compression.chunk_bytes + (1 << 20)
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=2 * len(job.spec.silos) + 8),
+        # Every silo at its admission limits plus a reserve for status: no caller can take
+        # a thread another is owed (admission.py).
+        futures.ThreadPoolExecutor(max_workers=pool_size(len(job.spec.silos))),
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),

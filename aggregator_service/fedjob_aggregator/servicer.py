@@ -1,9 +1,10 @@
-"""gRPC front of the coordinator: authorise by certificate, map refusals to gRPC statuses."""
+"""gRPC front of the coordinator: authorise by certificate, admit per identity, map refusals to statuses."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import grpc
@@ -12,6 +13,7 @@ from fedjob.spec import FederatedJob
 from fedjob.tls import Identity, identity_of
 from fedjob.v1 import fedjob_pb2 as pb
 from fedjob.v1 import fedjob_pb2_grpc as pb_grpc
+from fedjob_aggregator.admission import Admission, IdleWatch, StreamClock, TooManyCalls
 from fedjob_aggregator.coordinator import Coordinator, Refused
 from fedjob_aggregator.metrics import AggregatorMetrics
 
@@ -20,10 +22,33 @@ VERSION = "0.1.0"
 
 
 class FederatedTrainingServicer(pb_grpc.FederatedTrainingServicer):
-    def __init__(self, job: FederatedJob, coordinator: Coordinator, metrics: AggregatorMetrics) -> None:
+    def __init__(
+        self,
+        job: FederatedJob,
+        coordinator: Coordinator,
+        metrics: AggregatorMetrics,
+        watch: IdleWatch | None = None,
+    ) -> None:
         self.job = job
         self.coord = coordinator
         self.metrics = metrics
+        self.admission = Admission()
+        self.watch = watch or IdleWatch()
+        self.watch.start()
+
+    @contextmanager
+    def _admitted(self, context: grpc.ServicerContext, who: str, kind: str) -> Iterator[None]:
+        """Hold a slot of `who`'s calls of this kind, or answer RESOURCE_EXHAUSTED at once."""
+        try:
+            self.admission.acquire(who, kind)
+        except TooManyCalls as exc:
+            self.metrics.rejected(who, "too_many_calls")
+            log.warning("refused %s: too_many_calls (%s)", who, exc)
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"too_many_calls: {exc}")
+        try:
+            yield
+        finally:
+            self.admission.release(who, kind)
 
     # ----- identity ---------------------------------------------------------------------------------
 
@@ -76,7 +101,8 @@ class FederatedTrainingServicer(pb_grpc.FederatedTrainingServicer):
                 f"identity_mismatch: this certificate belongs to silo {silo!r}, "
                 f"not {request.expected_silo!r}",
             )
-        self.coord.join(silo)
+        with self._admitted(context, silo, "other"):
+            self.coord.join(silo)
         log.info("silo %s joined (worker %s)", silo, request.worker_version or "?")
         return pb.JoinReply(
             job=self.job.name,
@@ -89,31 +115,53 @@ class FederatedTrainingServicer(pb_grpc.FederatedTrainingServicer):
 
     def GetTask(self, request: pb.TaskRequest, context: grpc.ServicerContext) -> pb.Task:
         silo = self._silo(context)
-        return self.coord.next_task(silo, request.after_round, request.wait_seconds or 30.0)
+        with self._admitted(context, silo, "other"):
+            return self.coord.next_task(silo, request.after_round, request.wait_seconds or 30.0)
 
     def DownloadGlobal(
         self, request: pb.DownloadRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.Chunk]:
         silo = self._silo(context)
         sent = 0
-        try:
-            for chunk in self.coord.download(silo, request.round):
-                sent += len(chunk.payload)
-                yield chunk
-        except Refused as exc:
-            # A late silo asking for the round that just closed: a race, not a bad update, so it
-            # is not counted among the rejections; the silo asks for the next task.
-            self._refuse(context, silo, exc, counted=exc.reason != "stale_round")
-        finally:
-            self.metrics.bytes(silo, "down", sent)
+        with self._admitted(context, silo, "download"):
+            try:
+                for chunk in self.coord.download(silo, request.round):
+                    sent += len(chunk.payload)
+                    yield chunk
+            except Refused as exc:
+                # A late silo asking for the round that just closed: a race, not a bad update, so
+                # it is not counted among the rejections; the silo asks for the next task.
+                self._refuse(context, silo, exc, counted=exc.reason != "stale_round")
+            finally:
+                self.metrics.bytes(silo, "down", sent)
 
     def UploadUpdate(
         self, request_iterator: Iterator[pb.UploadMessage], context: grpc.ServicerContext
     ) -> pb.UploadReceipt:
         silo = self._silo(context)
+        # One upload stream per silo, refused before it can wait on anything; a stream that
+        # goes quiet is cancelled, so a stalled client never keeps a thread (admission.py).
+        with self._admitted(context, silo, "upload"), self.watch.watching(context) as clock:
+            try:
+                return self._upload(silo, request_iterator, context, clock)
+            except grpc.RpcError:
+                if context.is_active():
+                    raise
+                self.metrics.rejected(silo, "idle_stream")
+                log.warning("cancelled %s's upload: it went quiet past its deadline", silo)
+                raise
+
+    def _upload(
+        self,
+        silo: str,
+        request_iterator: Iterator[pb.UploadMessage],
+        context: grpc.ServicerContext,
+        clock: StreamClock,
+    ) -> pb.UploadReceipt:
         received = 0
         try:
             first = next(request_iterator, None)
+            clock.touch()
             if first is None or first.WhichOneof("part") != "header":
                 raise Refused("INVALID_ARGUMENT", "bad_header", "an upload starts with an UpdateHeader")
             up = self.coord.begin_upload(silo, first.header)
@@ -121,6 +169,7 @@ class FederatedTrainingServicer(pb_grpc.FederatedTrainingServicer):
             self._refuse(context, silo, exc)
         try:
             for msg in request_iterator:
+                clock.touch()
                 part = msg.WhichOneof("part")
                 if part == "chunk":
                     self.coord.add_chunk(up, msg.chunk)
@@ -152,18 +201,22 @@ class FederatedTrainingServicer(pb_grpc.FederatedTrainingServicer):
         self, request: pb.QueryUploadRequest, context: grpc.ServicerContext
     ) -> pb.QueryUploadReply:
         silo = self._silo(context)
-        return pb.QueryUploadReply(next_seq=self.coord.resume_point(silo, request.round, request.upload_id))
+        with self._admitted(context, silo, "other"):
+            held = self.coord.resume_point(silo, request.round, request.upload_id)
+        return pb.QueryUploadReply(next_seq=held)
 
     def ReportEvaluation(
         self, request: pb.EvaluationReport, context: grpc.ServicerContext
     ) -> pb.EvaluationReceipt:
         silo = self._silo(context)
-        try:
-            self.coord.report_evaluation(silo, request.round, request.loss, int(request.samples))
-        except Refused as exc:
-            self._refuse(context, silo, exc, counted=exc.reason != "stale_round")
+        with self._admitted(context, silo, "other"):
+            try:
+                self.coord.report_evaluation(silo, request.round, request.loss, int(request.samples))
+            except Refused as exc:
+                self._refuse(context, silo, exc, counted=exc.reason != "stale_round")
         return pb.EvaluationReceipt(round=request.round)
 
     def GetStatus(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.JobStatus:
-        self._identity(context)
-        return self.coord.status()
+        ident = self._identity(context)
+        with self._admitted(context, f"{ident.role}/{ident.name}", "status"):
+            return self.coord.status()

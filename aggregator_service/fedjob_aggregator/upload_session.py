@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+import numpy as np
+
 from fedjob.aggregation import UpdateMeta
 from fedjob.chunking import ChunkValidator, TensorInfo, raw_bytes
 from fedjob.codec import F32, Codec
@@ -41,6 +43,8 @@ class UploadSession:
     spool: Path
     raw_bytes: int
     validator: ChunkValidator
+    parameters: frozenset[str] = frozenset()  # the tensors whose norm is the update's norm
+    norm_sq: float = 0.0  # sum of squares of the parameter deltas received so far
     streaming: bool = True  # a handler is reading this upload's stream right now
     folding: bool = False  # complete; being folded into the sum
     _file: BinaryIO | None = field(default=None, repr=False)
@@ -61,6 +65,7 @@ class UploadSession:
         manifest: Mapping[str, TensorInfo],
         codec: Codec,
         chunk_bytes: int,
+        parameters: frozenset[str] = frozenset(),
     ) -> UploadSession:
         session = cls(
             silo=silo,
@@ -72,6 +77,7 @@ class UploadSession:
             spool=spool,
             raw_bytes=raw_bytes(manifest),
             validator=ChunkValidator(manifest, codec, chunk_bytes),
+            parameters=parameters,
         )
         session._file = open(spool, "wb")  # noqa: SIM115 - lives as long as the session
         return session
@@ -85,7 +91,10 @@ class UploadSession:
         with self._lock:
             if self._file is None:
                 raise SessionClosed(f"the upload of {self.silo} for round {self.round} was dropped")
-            self.validator.check(chunk)
+            name, _, values = self.validator.check(chunk)
+            if name in self.parameters:
+                # Decoded anyway for the checks: the norm costs one dot product more.
+                self.norm_sq += float(np.einsum("i,i->", values, values, dtype=np.float64))
             data = chunk.SerializeToString()
             self._file.write(len(data).to_bytes(_LENGTH, "little"))
             self._file.write(data)

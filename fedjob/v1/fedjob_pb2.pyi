@@ -186,18 +186,28 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SiloStatus(_message.Message):
-    __slots__ = ("name", "state", "last_round", "last_train_loss", "bytes_up")
+    __slots__ = ("name", "state", "last_round", "last_train_loss", "bytes_up", "scored_round", "update_norm", "update_cosine", "update_norm_zscore", "weight_share")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     LAST_ROUND_FIELD_NUMBER: _ClassVar[int]
     LAST_TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
     BYTES_UP_FIELD_NUMBER: _ClassVar[int]
+    SCORED_ROUND_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_NORM_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_COSINE_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_NORM_ZSCORE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_SHARE_FIELD_NUMBER: _ClassVar[int]
     name: str
     state: str
     last_round: int
     last_train_loss: float
     bytes_up: int
-    def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., last_round: _Optional[int] = ..., last_train_loss: _Optional[float] = ..., bytes_up: _Optional[int] = ...) -> None: ...
+    scored_round: int
+    update_norm: float
+    update_cosine: float
+    update_norm_zscore: float
+    weight_share: float
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., last_round: _Optional[int] = ..., last_train_loss: _Optional[float] = ..., bytes_up: _Optional[int] = ..., scored_round: _Optional[int] = ..., update_norm: _Optional[float] = ..., update_cosine: _Optional[float] = ..., update_norm_zscore: _Optional[float] = ..., weight_share: _Optional[float] = ...) -> None: ...
 
 class RoundMetrics(_message.Message):
     __slots__ = ("round", "train_loss", "eval_loss", "participants", "bytes_up", "bytes_down", "compression_ratio", "seconds")

@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from fedjob.aggregation import make_strategy
 from fedjob.chunking import State, TensorInfo
 from fedjob.codec import DOWNLOAD_CODEC, Codec
 from fedjob.spec import FederatedJob
+from fedjob.strategies import make_strategy
 from fedjob.tls import CertFiles
 from fedjob.v1 import fedjob_pb2 as pb
 

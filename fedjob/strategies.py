@@ -1,0 +1,50 @@
+"""The strategy a job's `spec.aggregation` names: an algorithm, wrapped by a robust rule if any."""
+
+from __future__ import annotations
+
+from fedjob.aggregation import (
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedNova,
+    FedProx,
+    FedYogi,
+    Scaffold,
+    ServerOptimizer,
+    Strategy,
+)
+from fedjob.robust import CoordinateMedian, MultiKrum, NormBound, TrimmedMean
+from fedjob.spec import AggregationSpec
+
+
+def make_strategy(aggregation: AggregationSpec, num_silos: int) -> Strategy:
+    """The algorithm with its parameters; a robust rule wraps it, and a norm bound wraps that."""
+    strategy = _algorithm(aggregation, num_silos)
+    r = aggregation.robust
+    if r is None:
+        return strategy
+    if r.rule == "median":
+        strategy = CoordinateMedian(strategy)
+    elif r.rule == "trimmedMean":
+        strategy = TrimmedMean(strategy, r.trim_fraction)
+    elif r.rule == "multiKrum":
+        strategy = MultiKrum(strategy, r.byzantine, r.select)
+    if r.max_norm is not None:
+        strategy = NormBound(strategy, r.max_norm)
+    return strategy
+
+
+def _algorithm(a: AggregationSpec, num_silos: int) -> Strategy:
+    if a.algorithm == "scaffold":
+        return Scaffold(num_silos)
+    simple: dict[str, type[Strategy]] = {"fedavg": FedAvg, "fedprox": FedProx, "fednova": FedNova}
+    if a.algorithm in simple:
+        return simple[a.algorithm]()
+    optimisers: dict[str, type[ServerOptimizer]] = {
+        "fedadam": FedAdam,
+        "fedyogi": FedYogi,
+        "fedadagrad": FedAdagrad,
+    }
+    if a.algorithm in optimisers:
+        return optimisers[a.algorithm](a.server_learning_rate, a.beta1, a.beta2, a.tau)
+    raise ValueError(f"unknown aggregation algorithm {a.algorithm!r}")
