@@ -33,6 +33,14 @@ RETRYABLE = {
 }
 
 
+def _retryable(exc: grpc.RpcError) -> bool:
+    # too_many_calls: the aggregator still holds this silo's previous call (a stream whose end it
+    # has not seen yet, after a network blip); it frees the slot when it does, or at the deadline.
+    return exc.code() in RETRYABLE or (
+        exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and (exc.details() or "").startswith("too_many_calls")
+    )
+
+
 class UpdateRefused(Exception):
     """The aggregator refused this update for good (bad content, closed round, replay)."""
 
@@ -88,7 +96,7 @@ class AggregatorClient:
             try:
                 return call()
             except grpc.RpcError as exc:
-                if exc.code() not in RETRYABLE:
+                if not _retryable(exc):
                     raise
                 last = exc
                 log.info("%s: %s (%s); retrying in %.1f s", what, exc.code().name, exc.details(), delay)
