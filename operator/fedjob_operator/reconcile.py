@@ -309,11 +309,18 @@ def status_from(
             entry.update(state=s.state, lastRound=s.last_round, bytesUp=s.bytes_up)
             if not math.isnan(s.last_train_loss):
                 entry["trainLoss"] = round(float(s.last_train_loss), 5)
+            if s.scored_round:  # its latest update's anomaly scores (docs/algorithms.md)
+                entry["update"] = {
+                    "round": s.scored_round,
+                    "norm": float(f"{s.update_norm:.6g}"),
+                    "cosine": round(float(s.update_cosine), 4),
+                    "normZScore": round(float(s.update_norm_zscore), 3),
+                    "weightShare": round(float(s.weight_share), 4),
+                }
         else:
             prev: dict[str, Any] = next((p for p in old.get("silos", []) if p.get("name") == name), {})
-            entry.update(
-                {k: v for k, v in prev.items() if k in ("state", "lastRound", "bytesUp", "trainLoss")}
-            )
+            kept = ("state", "lastRound", "bytesUp", "trainLoss", "update")
+            entry.update({k: v for k, v in prev.items() if k in kept})
         silos.append(entry)
     lost = [s["name"] for s in silos if s["job"] == "Lost"]
     # Ready: the silo's pod runs and it has joined the aggregator.

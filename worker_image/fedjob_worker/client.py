@@ -36,9 +36,8 @@ RETRYABLE = {
 def _retryable(exc: grpc.RpcError) -> bool:
     # too_many_calls: the aggregator still holds this silo's previous call (a stream whose end it
     # has not seen yet, after a network blip); it frees the slot when it does, or at the deadline.
-    return exc.code() in RETRYABLE or (
-        exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and (exc.details() or "").startswith("too_many_calls")
-    )
+    held = (exc.details() or "").startswith("too_many_calls")
+    return exc.code() in RETRYABLE or (exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and held)
 
 
 class UpdateRefused(Exception):
