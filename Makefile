@@ -53,6 +53,8 @@ crds: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/compression.py
 	$(PY) bench/scale.py
+	$(PY) bench/scale.py --lora 1.1B 6.7B
+	$(PY) bench/poisoning.py
 
 clean:
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

@@ -57,6 +57,7 @@ from fedjob.spec import FederatedJob, parse_job  # noqa: E402
 GIB = 1 << 30
 CHUNK = 1 << 20
 TENSOR = 32 << 20  # elements per synthetic tensor (a 4096 x 8192 projection)
+STEPS = 10  # local steps per round, declared in every update header
 
 
 # Llama shapes of bench/gpu.py, vocabulary 32000.
@@ -88,7 +89,7 @@ def make_job(silos: int, rounds: int, lora_model: str | None = None) -> Federate
             "metadata": {"name": "scale"},
             "spec": {
                 "model": {"path": lora_model or "/synthetic"},
-                "training": training,
+                "training": {**training, "localSteps": STEPS},
                 "rounds": rounds,
                 "silos": [{"name": f"s{i}", "data": {"path": "/synthetic"}} for i in range(silos)],
                 "aggregation": {"minSilos": silos, "roundDeadlineSeconds": 7200},
@@ -224,7 +225,7 @@ def silo(address: str, certs: Path, name: str, man: dict[str, TensorInfo], downl
                     round=rnd,
                     upload_id=uuid.uuid4().hex,
                     num_samples=100,
-                    local_steps=1,
+                    local_steps=STEPS,  # what the job says each silo runs: anything else is refused
                     train_loss=1.0,
                     total_chunks=total,
                 )
@@ -272,15 +273,22 @@ def one(
         port = hello["port"]
         man = {n: TensorInfo(n, tuple(shape)) for n, shape in hello["manifest"].items()}
         downloaders = silos if params <= download_limit else min(2, silos)
-        threads = [
-            threading.Thread(
-                target=silo, args=(f"127.0.0.1:{port}", certs, f"s{i}", man, i < downloaders), daemon=True
-            )
-            for i in range(silos)
-        ]
+        failed: list[BaseException] = []
+
+        def silo_or_stop(i: int) -> None:
+            try:
+                silo(f"127.0.0.1:{port}", certs, f"s{i}", man, i < downloaders)
+            except BaseException as exc:  # a silo that fails would leave the round open for hours
+                failed.append(exc)
+                agg.kill()
+
+        threads = [threading.Thread(target=silo_or_stop, args=(i,), daemon=True) for i in range(silos)]
         for t in threads:
             t.start()
-        report = json.loads(agg.stdout.readline())
+        line = agg.stdout.readline()
+        if failed:
+            raise RuntimeError(f"a silo failed: {failed[0]!r}") from failed[0]
+        report = json.loads(line)
         agg.wait()
         for t in threads:
             t.join(10)
