@@ -275,7 +275,8 @@ def test_a_silos_claims_are_capped_and_the_weight_used_is_recorded(
     with serve_live(tmp_path, parse_job(doc), small_state) as agg:
         updates = {**{s: (d, 100) for s, d in honest.items()}, "evil": attack("inflated", honest)}
         record = one_round(agg, updates)
-        lines = [json.loads(x) for x in (tmp_path / "work" / "metrics.jsonl").read_text().splitlines()]
+    # The metrics line follows the round's checkpoint, written before the aggregator stops.
+    lines = [json.loads(x) for x in (tmp_path / "work" / "metrics.jsonl").read_text().splitlines()]
     evil = record["silo_updates"]["evil"]
     assert evil["claimed_samples"] == 1 << 40 and evil["weight_share"] == pytest.approx(0.2)
     assert lines[-1]["silo_updates"]["evil"]["weight_share"] == pytest.approx(0.2)

@@ -42,6 +42,7 @@ from fedjob.codec import DOWNLOAD_CODEC, Codec
 from fedjob.robust import CoordinateSample
 from fedjob.spec import FederatedJob
 from fedjob.v1 import fedjob_pb2 as pb
+from fedjob_aggregator.recorder import RoundRecorder, evaluation_fields
 from fedjob_aggregator.round_aggregators import (
     CollectingAggregator,
     RoundAggregator,
@@ -150,7 +151,6 @@ class Coordinator:
             shutil.rmtree(self.spool_dir)
         self.spool_dir.mkdir(parents=True)
         self.sample = CoordinateSample(self.manifest, seed=job.spec.training.seed)
-        self.metrics_path = workdir / "metrics.jsonl"
         self.cond = threading.Condition()
         self._fold_lock = threading.Lock()  # one update at a time into the sum
         self._checking = threading.BoundedSemaphore(max(2, os.cpu_count() or 2))  # chunks decoded at once
@@ -180,10 +180,9 @@ class Coordinator:
         self.generation = 0
         self._spare: State | None = None  # the previous global's buffers, for the next sum
         self.strategy.load_state(ckpt.strategy_state)
-        self.history = ckpt.history
+        self.recorder = RoundRecorder(workdir / "metrics.jsonl", ckpt.history)
         self.final_evaluation_done = bool(ckpt.extra.get("final_evaluation_done", False))
         del ckpt
-        self._rewrite_metrics()
         self.current: RoundState | None = None
         self.seen: set[str] = set()  # silos that called in since this process started
         self._first_round = True
@@ -191,6 +190,11 @@ class Coordinator:
         if self.completed >= self.spec.rounds and (self.final_evaluation_done or not self.evaluates):
             self.phase = "Succeeded"
         log.info("job %s: resuming after round %d of %d", job.name, self.completed, self.spec.rounds)
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """Every closed round's record (what metrics.jsonl holds)."""
+        return self.recorder.history
 
     # ----- rounds -------------------------------------------------------------------------------
 
@@ -320,8 +324,11 @@ class Coordinator:
         }
         for sc in scores:
             self.silos[sc.silo].last_score, self.silos[sc.silo].scored_round = sc, rnd.number
-        earlier_changed = self._record_evaluation(rnd, record)
-        self.history.append(record)
+        evals = rnd.evaluations()
+        earlier_changed = self.recorder.file_evaluation(rnd.number, evals, record)
+        if earlier_changed:
+            self.observe("federated_eval", {"round": rnd.number - 1, **evaluation_fields(evals)})
+        write_metrics = self.recorder.add(record, earlier_changed)
         # Downloads still streaming the old model stop at their next slice; its buffers
         # become the next round's running sum.
         self.generation += 1
@@ -331,19 +338,14 @@ class Coordinator:
         self.current = None
         # The write runs beside the next round; the next close waits for it, so a crash
         # loses at most the round in flight. The metrics line follows the checkpoint.
-        if earlier_changed:  # the previous round's line gained its federated evaluation
-            text = "".join(_json(r) + "\n" for r in self.history)
-            then = functools.partial(self._write_metrics, text)
-        else:
-            then = functools.partial(self._append_metrics, _json(record) + "\n")
         self.writer.submit(
             Checkpoint(
                 rnd.number,
                 new_state,
-                [dict(r) for r in self.history],
+                self.recorder.snapshot(),
                 strategy_state=self.strategy.state(),
             ),
-            then=then,
+            then=write_metrics,
         )
         log.info(
             "round %d closed: %d silos, train loss %.4f, eval loss %s, %.1f s",
@@ -360,43 +362,23 @@ class Coordinator:
 
     # ----- federated evaluation ------------------------------------------------------------------
 
-    def _record_evaluation(self, rnd: RoundState, record: dict[str, Any]) -> bool:
-        """Round r's uploads carry the silos' losses for the model after round r-1: file them there.
-
-        Returns whether an earlier record changed (metrics.jsonl is then rewritten).
-        """
-        evals = rnd.evaluations()
-        if not evals:
-            return False
-        fields = _evaluation_fields(evals)
-        if rnd.number == 1:
-            record["initial_federated_eval_loss"] = fields["federated_eval_loss"]
-            record["initial_silo_eval_loss"] = fields["silo_eval_loss"]
-            return False
-        if self.history and self.history[-1]["round"] == rnd.number - 1:
-            self.history[-1].update(fields)
-            self.observe("federated_eval", {"round": rnd.number - 1, **fields})
-            return True
-        return False
-
     def _close_final_evaluation(self, rnd: RoundState) -> None:
         self.writer.wait()  # the last round's checkpoint, before its record changes
         evals = rnd.evaluations()
-        if evals and self.history:
-            fields = _evaluation_fields(evals)
-            self.history[-1].update(fields)
+        fields = self.recorder.file_final_evaluation(evals)
+        if fields is not None:
             self.observe("federated_eval", {"round": rnd.number - 1, **fields})
         missing = sorted(set(self.silos) - set(evals))
         if missing:
             log.warning("final evaluation: no loss from %s before the deadline", ", ".join(missing))
         self.final_evaluation_done = True
         self.current = None
-        self.store.update_index([dict(r) for r in self.history], {"final_evaluation_done": True})
-        self._rewrite_metrics()
+        self.store.update_index(self.recorder.snapshot(), {"final_evaluation_done": True})
+        self.recorder.rewrite()
         log.info(
             "final evaluation: %d silos, federated eval loss %s",
             len(evals),
-            self.history[-1].get("federated_eval_loss") if self.history else None,
+            fields["federated_eval_loss"] if fields else None,
         )
         self.phase = "Succeeded"
         self.observe("succeeded", {"round": self.completed})
@@ -432,19 +414,6 @@ class Coordinator:
             )
         if not math.isfinite(loss) or loss < 0:
             raise Refused("INVALID_ARGUMENT", "bad_eval", f"evaluation loss {loss} is not a finite loss")
-
-    def _append_metrics(self, line: str) -> None:
-        with open(self.metrics_path, "a") as f:
-            f.write(line)
-
-    def _write_metrics(self, text: str) -> None:
-        tmp = self.metrics_path.with_suffix(".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, self.metrics_path)
-
-    def _rewrite_metrics(self) -> None:
-        """metrics.jsonl from the history (resume; federated evaluations filled in later)."""
-        self._write_metrics("".join(_json(r) + "\n" for r in self.history))
 
     # ----- what handlers call ----------------------------------------------------------------------
 
@@ -740,7 +709,7 @@ class Coordinator:
 
     def status(self) -> pb.JobStatus:
         with self.cond:
-            last = self.history[-1] if self.history else None
+            last = self.recorder.history[-1] if self.recorder.history else None
             rm = None
             if last is not None:
                 rm = pb.RoundMetrics(
@@ -762,14 +731,8 @@ class Coordinator:
                 last_round=rm,
                 message=self.message,
                 updates_rejected=self.rejected_total,
-                **self._latest_federated_eval(),
+                **self.recorder.latest_federated_eval(),
             )
-
-    def _latest_federated_eval(self) -> dict[str, Any]:
-        for r in reversed(self.history):
-            if r.get("federated_eval_loss") is not None:
-                return {"federated_eval_loss": r["federated_eval_loss"], "federated_eval_round": r["round"]}
-        return {}
 
 
 def _silo_status(name: str, s: SiloState) -> pb.SiloStatus:
@@ -788,17 +751,3 @@ def _silo_status(name: str, s: SiloState) -> pb.SiloStatus:
         out.update_norm_zscore = sc.norm_zscore
         out.weight_share = sc.weight_share
     return out
-
-
-def _evaluation_fields(evals: dict[str, tuple[float, int]]) -> dict[str, Any]:
-    samples = sum(n for _, n in evals.values())
-    return {
-        "federated_eval_loss": sum(loss * n for loss, n in evals.values()) / samples,
-        "silo_eval_loss": {s: loss for s, (loss, _) in sorted(evals.items())},
-    }
-
-
-def _json(record: dict[str, Any]) -> str:
-    import json
-
-    return json.dumps(record, sort_keys=False)
