@@ -279,11 +279,22 @@ class LocalRun:
             f"{time.time() - started:.0f} s",
         )
         silos = Table(
-            "silo", "state", "last round", "train loss", "bytes up", title="silos", title_justify="left"
+            "silo",
+            "state",
+            "last round",
+            "train loss",
+            "bytes up",
+            "weight",
+            "cosine",
+            title="silos",
+            title_justify="left",
         )
         for s in st.silos:
             loss = "" if math.isnan(s.last_train_loss) else f"{s.last_train_loss:.4f}"
-            silos.add_row(s.name, s.state, str(s.last_round or ""), loss, f"{s.bytes_up:,}")
+            # How its latest update counted, and how it compared with the round's aggregate.
+            share = f"{s.weight_share:.2f}" if s.scored_round else ""
+            cos = f"{s.update_cosine:+.2f}" if s.scored_round else ""
+            silos.add_row(s.name, s.state, str(s.last_round or ""), loss, f"{s.bytes_up:,}", share, cos)
         parts: list[Any] = [head, silos]
         if st.last_round.round:
             lr = st.last_round
