@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import statistics
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +186,14 @@ def one_round(agg: LiveAggregator, updates: dict[str, tuple[State, int]]) -> dic
     return agg.coord.history[-1]
 
 
+def left_files(folder: Path, within: float = 5.0) -> list[Path]:
+    """Files still in `folder` after the round's files had `within` seconds to go (in the background)."""
+    end = time.monotonic() + within
+    while (files := [p for p in folder.rglob("*") if p.is_file()]) and time.monotonic() < end:
+        time.sleep(0.05)
+    return files
+
+
 def applied(agg: LiveAggregator, start: State) -> State:
     return {k: agg.coord.global_state[k] - start[k] for k in start}
 
@@ -226,7 +235,7 @@ def test_collecting_rules_keep_the_model_within_the_honest_updates(
     with serve_live(tmp_path, job, small_state) as agg:
         record = one_round(agg, {**{s: (d, 10) for s, d in honest.items()}, "evil": attack(kind, honest)})
         moved = applied(agg, small_state)
-        spooled = list((tmp_path / "work" / "spool").rglob("*"))
+        spooled = left_files(tmp_path / "work" / "spool")
     stack = {k: np.stack([honest[s][k] for s in HONEST]) for k in small_state}
     for k, v in moved.items():
         # Every coordinate lies within the honest silos' range (1e-6: float32 rounding).
@@ -240,7 +249,7 @@ def test_collecting_rules_keep_the_model_within_the_honest_updates(
         assert scores["evil"]["cosine"] < 0 < min(scores[s]["cosine"] for s in HONEST)
     if kind == "scaled":
         assert scores["evil"]["norm_zscore"] == max(sc["norm_zscore"] for sc in scores.values()) > 1.5
-    assert not [p for p in spooled if p.is_file()], "the round's update files outlive it"
+    assert not spooled, f"the round's update files outlive it: {spooled}"
 
 
 @pytest.mark.parametrize("kind", ATTACKS)

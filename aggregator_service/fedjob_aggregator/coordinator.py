@@ -229,7 +229,13 @@ class Coordinator:
             return CollectingAggregator(
                 self.manifest, self.strategy, self.sample, self.spool_dir / f"r{number}", buffers=self._spare
             )
-        return StreamingAggregator(self.manifest, self.strategy, self.sample, buffers=self._spare)
+        return StreamingAggregator(
+            self.manifest,
+            self.strategy,
+            self.sample,
+            buffers=self._spare,
+            max_share=self.spec.aggregation.max_weight_share,
+        )
 
     def run(self, stop: threading.Event | None = None) -> str:
         """Drive rounds until the job ends; returns the final phase."""

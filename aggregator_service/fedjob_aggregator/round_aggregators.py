@@ -19,6 +19,7 @@ round's anomaly scores (norm, cosine to the aggregate, norm z-score) are compute
 from __future__ import annotations
 
 import math
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -171,11 +172,15 @@ class StreamingAggregator(RoundAggregator):
         strategy: Strategy,
         sample: CoordinateSample,
         buffers: State | None = None,
+        max_share: float = 1.0,
     ) -> None:
         super().__init__(manifest, strategy, sample)
         self.total = RunningSum(manifest, buffers=buffers)
+        # Without a share cap no update is ever re-weighed: its spool goes as soon as it is
+        # folded, so the aggregator's disk holds at most the uploads in flight.
+        self.keep_spools = max_share < 1.0
         self._factor = 0.0
-        self._sessions: list[UploadSession] = []
+        self._sessions: list[UploadSession | None] = []
         self._tainted: str | None = None
 
     def _begin(self, up: UploadSession, factor: float) -> None:
@@ -190,8 +195,12 @@ class StreamingAggregator(RoundAggregator):
         self.total.fold(name, offset, values, self._factor)
 
     def _kept(self, up: UploadSession) -> None:
-        up.seal()
-        self._sessions.append(up)  # its spool stays until the close, for a re-weighing
+        if self.keep_spools:
+            up.seal()
+            self._sessions.append(up)  # its spool stays until the close, for a re-weighing
+        else:
+            up.discard()
+            self._sessions.append(None)
 
     def finish(self, max_share: float) -> RoundAggregate:
         if self._tainted:
@@ -199,7 +208,7 @@ class StreamingAggregator(RoundAggregator):
         raw = [e.weight for e in self.entries]
         self.weights = cap_shares(raw, max_share)
         for e, up, w in zip(self.entries, self._sessions, self.weights, strict=True):
-            if not math.isclose(w, e.weight, rel_tol=1e-9):
+            if up is not None and not math.isclose(w, e.weight, rel_tol=1e-9):
                 # Re-weigh: add (w - w_claimed) x the update, read once more from its spool.
                 extra = (w - e.weight) * e.scale
                 for name, offset, values in up.values():
@@ -209,9 +218,9 @@ class StreamingAggregator(RoundAggregator):
         return self.total
 
     def close(self) -> None:
-        for up in self._sessions:
-            up.discard()
+        kept = [up for up in self._sessions if up is not None]
         self._sessions.clear()
+        _delete_in_background([up.spool for up in kept])  # sealed when kept
 
 
 class CollectingAggregator(RoundAggregator):
@@ -272,9 +281,19 @@ class CollectingAggregator(RoundAggregator):
         return CollectedRound(_OnDisk(self))
 
     def close(self) -> None:
-        for f in self.files:
-            f.unlink(missing_ok=True)
-        self.files.clear()
+        files, self.files = self.files, []
+        _delete_in_background(files)
+
+
+def _delete_in_background(paths: list[Path]) -> None:
+    """Unlinking gigabytes of round files takes a second or more: not on the round's close path."""
+
+    def delete() -> None:
+        for path in paths:
+            path.unlink(missing_ok=True)
+
+    if paths:
+        threading.Thread(target=delete, name="round-files", daemon=True).start()
 
 
 class _OnDisk:
