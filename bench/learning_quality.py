@@ -104,6 +104,34 @@ def run_job(args: argparse.Namespace, doc: dict[str, Any], name: str) -> list[di
     return history
 
 
+def model_and_sources(work: Path, seed: int, source_bytes: int, pretrain_steps: int) -> dict[str, str]:
+    """The set-up the quality benchmarks share; returns each source's training text.
+
+    A tiny byte-level GPT-2 from a config (work/model), three local sources; the tail of
+    each source is held out as the eval set (work/eval: the union's distribution). The
+    model first learns a little from a fourth, public source (docstrings, none of the
+    silos' text), so the federated runs fine-tune, as in real use.
+    """
+    if not (work / "model" / "config.json").exists():
+        build_tiny_model(
+            work / "model",
+            seed=seed,
+            n_embd=128,
+            n_layer=2,
+            n_head=4,
+            pretrain_text=python_docstrings(200_000) if pretrain_steps else None,
+            pretrain_steps=pretrain_steps,
+        )
+    sources = {}
+    (work / "eval").mkdir(parents=True, exist_ok=True)
+    for name, make in SOURCES.items():
+        text = make(source_bytes)
+        cut = int(len(text) * 0.9)
+        sources[name] = text[:cut]
+        (work / "eval" / f"{name}.txt").write_text(text[cut:], encoding="utf-8")
+    return sources
+
+
 def steps_per_silo(sizes: list[int], total: int) -> list[int]:
     """Split `total` steps in proportion to data (largest remainder), at least one each."""
     share = [total * s / sum(sizes) for s in sizes]
@@ -156,29 +184,11 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    # Model and text: a tiny byte-level GPT-2 from a config, three local sources; the tail of
-    # each source is held out as the eval set (the union's distribution).
-    # The model first learns a little from a fourth, public source (docstrings, none of the
-    # silos' text), so the federated run fine-tunes, as in real use.
-    if not (args.work / "model" / "config.json").exists():
-        build_tiny_model(
-            args.work / "model",
-            seed=args.seed,
-            n_embd=128,
-            n_layer=2,
-            n_head=4,
-            pretrain_text=python_docstrings(200_000) if args.pretrain_steps else None,
-            pretrain_steps=args.pretrain_steps,
-        )
-    sources, union = {}, args.work / "union"
-    (args.work / "eval").mkdir(exist_ok=True)
+    sources = model_and_sources(args.work, args.seed, args.source_bytes, args.pretrain_steps)
+    union = args.work / "union"
     union.mkdir(exist_ok=True)
-    for name, make in SOURCES.items():
-        text = make(args.source_bytes)
-        cut = int(len(text) * 0.9)
-        sources[name] = text[:cut]
-        (union / f"{name}.txt").write_text(text[:cut], encoding="utf-8")
-        (args.work / "eval" / f"{name}.txt").write_text(text[cut:], encoding="utf-8")
+    for name, text in sources.items():
+        (union / f"{name}.txt").write_text(text, encoding="utf-8")
 
     total_steps = args.rounds * args.steps_per_round
     print(f"centralised: {total_steps} steps of {args.batch}x{args.seq} tokens on the union", flush=True)

@@ -38,10 +38,9 @@ ROOT = Path(__file__).resolve().parent.parent
 for sub in ("", "aggregator_service", "worker_image"):
     sys.path.insert(0, str(ROOT / sub))
 
+from learning_quality import model_and_sources  # noqa: E402  (bench/learning_quality.py)
 from rich.console import Console  # noqa: E402
 
-from fedjob.corpora import SOURCES, python_docstrings  # noqa: E402
-from fedjob.modeling import build_tiny_model  # noqa: E402
 from fedjob.spec import load_job  # noqa: E402
 from fedjob.split import split_sources  # noqa: E402
 from fedjob_cli.local_run import LocalRun  # noqa: E402
@@ -149,23 +148,7 @@ def main() -> None:
 
     # The set-up of bench/learning_quality.py: a byte-level GPT-2 with some pre-training on
     # docstrings (in no silo), fine-tuned on three sources split among the silos.
-    if not (args.work / "model" / "config.json").exists():
-        build_tiny_model(
-            args.work / "model",
-            seed=args.seed,
-            n_embd=128,
-            n_layer=2,
-            n_head=4,
-            pretrain_text=python_docstrings(200_000),
-            pretrain_steps=300,
-        )
-    sources = {}
-    (args.work / "eval").mkdir(exist_ok=True)
-    for name, make in SOURCES.items():
-        text = make(args.source_bytes)
-        cut = int(len(text) * 0.9)
-        sources[name] = text[:cut]
-        (args.work / "eval" / f"{name}.txt").write_text(text[cut:], encoding="utf-8")
+    sources = model_and_sources(args.work, args.seed, args.source_bytes, pretrain_steps=300)
     summary = split_sources(sources, SILOS, args.work / "split", alpha=args.alpha, seed=args.seed)
     names = [*summary.silos[:-1], "evil"]
     silos = [

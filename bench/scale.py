@@ -51,6 +51,8 @@ ROOT = Path(__file__).resolve().parent.parent
 for sub in ("", "aggregator_service", "worker_image"):
     sys.path.insert(0, str(ROOT / sub))
 
+from gpu import CASES, LORA  # noqa: E402  (bench/gpu.py, beside this file)
+
 from fedjob.chunking import TensorInfo  # noqa: E402
 from fedjob.spec import FederatedJob, parse_job  # noqa: E402
 
@@ -60,24 +62,8 @@ TENSOR = 32 << 20  # elements per synthetic tensor (a 4096 x 8192 projection)
 STEPS = 10  # local steps per round, declared in every update header
 
 
-# Llama shapes of bench/gpu.py, vocabulary 32000.
-LLAMA: dict[str, dict[str, int]] = {
-    "1.1B": dict(
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=22,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-    ),
-    "6.7B": dict(
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-    ),
-}
-LORA = {"r": 16, "alpha": 32, "targetModules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+# The Llama shapes and LoRA set-up bench/gpu.py measures on a GPU, by the size the table names.
+LLAMA: dict[str, dict[str, int]] = {"1.1B": CASES["lora-1b"]["config"], "6.7B": CASES["lora-7b"]["config"]}
 
 
 def make_job(silos: int, rounds: int, lora_model: str | None = None) -> FederatedJob:

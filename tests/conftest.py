@@ -131,3 +131,4 @@ def serve_live(
         stop.set()
         loop.join(5)
         server.stop(0).wait()
+        servicer.watch.stop()

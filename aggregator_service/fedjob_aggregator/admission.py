@@ -66,10 +66,6 @@ class Admission:
             if not self._open[key]:
                 del self._open[key]
 
-    def open_calls(self, identity: str, kind: str) -> int:
-        with self._lock:
-            return self._open.get((identity, kind), 0)
-
 
 class Cancellable(Protocol):
     def cancel(self) -> None: ...

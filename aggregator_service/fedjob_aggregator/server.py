@@ -203,6 +203,7 @@ def serve(job: FederatedJob, opts: AggregatorOptions) -> int:
     for name in ("", SERVICE):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     server.stop(grace=2).wait()
+    servicer.watch.stop()
     http.shutdown()
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     log.info("aggregator stopped: %s (peak RSS %.0f MiB)", phase, peak_mib)
