@@ -184,6 +184,11 @@ class ResourcesSpec(_Spec):
     )
 
 
+class StorageSpec(_Spec):
+    size: str = Field("1Gi", pattern=QUANTITY)
+    storage_class_name: str | None = Field(None, pattern=DNS_SUBDOMAIN)
+
+
 class SiloSpec(_Spec):
     name: Annotated[str, Field(min_length=1, max_length=24, pattern=DNS_LABEL)]
     data: DataSpec
@@ -202,6 +207,11 @@ class SiloSpec(_Spec):
         "larger claims count as this many.",
     )
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    storage: StorageSpec = Field(
+        default_factory=lambda: StorageSpec(size="1Gi"),
+        description="In a cluster: the silo's state volume, created when its uplink keeps state "
+        "(topk's residual, one float32 per trained parameter).",
+    )
     node_selector: dict[str, str] = {}
     tolerations: list[dict[str, Any]] = []
     affinity: dict[str, Any] | None = None
@@ -279,15 +289,43 @@ class AggregationSpec(_Spec):
     )
 
 
+class ClipStageSpec(_Spec):
+    max_norm: float = Field(gt=0, description="L2 bound on the whole update (the parameter deltas).")
+
+
+class TopKStageSpec(_Spec):
+    fraction: float = Field(gt=0, le=1, description="Share of each tensor's values sent, the largest.")
+    error_feedback: bool = Field(
+        True,
+        description="Keep what is not sent in a residual on the silo (checkpointed with it) and add it "
+        "to the next round's update.",
+    )
+
+
+class UplinkStageSpec(_Spec):
+    """One stage of the silo's uplink chain: exactly one of its fields."""
+
+    clip: ClipStageSpec | None = None
+    topk: TopKStageSpec | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> UplinkStageSpec:
+        set_ = [k for k in ("clip", "topk") if getattr(self, k) is not None]
+        if len(set_) != 1:
+            raise ValueError(f"each stage names exactly one of clip, topk (got {set_ or 'none'})")
+        return self
+
+
 class CompressionSpec(_Spec):
+    uplink: list[UplinkStageSpec] = Field(
+        default_factory=list,
+        max_length=8,
+        description="Stages every silo applies to its whole update, in order, before the codec encodes "
+        "it: clip (bound the L2 norm), topk (send the largest values, keep the rest as error feedback).",
+    )
     codec: Codec = "int8"
     zstd: bool = True
     chunk_bytes: int = Field(1 << 20, ge=4096, le=4 << 20, description="Largest chunk payload on the wire.")
-
-
-class StorageSpec(_Spec):
-    size: str = Field("1Gi", pattern=QUANTITY)
-    storage_class_name: str | None = Field(None, pattern=DNS_SUBDOMAIN)
 
 
 class AggregatorSpec(_Spec):
@@ -334,11 +372,25 @@ class JobSpec(_Spec):
                         f"silos[{i}].data.eval: needs evaluation.batches > 0 (federated evaluation is off)"
                     )
         self._aggregation_rules()
+        self._uplink_rules()
         if self.training.mode != "pretrain" and self.model.path is None:
             raise ValueError(
                 f"model.path: training mode {self.training.mode!r} starts from a pretrained model"
             )
         return self
+
+    def _uplink_rules(self) -> None:
+        kinds = [("clip" if st.clip is not None else "topk") for st in self.compression.uplink]
+        for i, kind in enumerate(kinds):
+            if kind in kinds[:i]:
+                raise ValueError(f"compression.uplink[{i}]: {kind} appears twice; each stage at most once")
+        r = self.aggregation.robust
+        if "topk" in kinds and r is not None and r.rule in ("median", "trimmedMean"):
+            raise ValueError(
+                f"compression.uplink: topk cannot combine with aggregation.robust.rule {r.rule} (each "
+                "silo sends a different few coordinates, so the coordinate-wise rule sees mostly zeros "
+                "and the model barely moves); use multiKrum or normBound"
+            )
 
     def _aggregation_rules(self) -> None:
         """Combinations of algorithm and robust rule that cannot work, named with the reason."""

@@ -143,6 +143,8 @@ class LocalRun:
                     str(self.certs.root),
                     "--aggregator",
                     f"127.0.0.1:{self.port}",
+                    "--state",
+                    str(self.out / "silos" / s.name),
                 ],
                 self.out / "logs" / f"silo-{s.name}.log",
             )

@@ -83,7 +83,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return run_silo(
         job,
         WorkerOptions(
-            silo=args.silo, address=args.aggregator, certs=Path(args.certs), server_name=args.server_name
+            silo=args.silo,
+            address=args.aggregator,
+            certs=Path(args.certs),
+            server_name=args.server_name,
+            state=Path(args.state) if args.state else None,
         ),
     )
 
@@ -213,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--certs", required=True)
     s.add_argument("--aggregator", required=True, help="host:port of the aggregator")
     s.add_argument("--server-name", help="TLS name to expect on the aggregator's certificate")
+    s.add_argument(
+        "--state",
+        help="folder that keeps the silo's update-stage state (topk's residual) across restarts",
+    )
     s.set_defaults(fn=cmd_worker)
 
     s = sub.add_parser("operator", help="run the Kubernetes operator (Kopf)")

@@ -215,8 +215,11 @@ def test_a_silo_killed_mid_round_is_left_out_and_rejoins_a_later_round(assets: P
         # Enough rounds after the kill for the 10 s restart back-off and two rounds left out.
         rounds=7,
         aggregation={"minSilos": 3, "roundDeadlineSeconds": 8},
+        # A stateful uplink: top-k's error-feedback residual must survive the kill.
+        compression={"uplink": [{"clip": {"maxNorm": 5}}, {"topk": {"fraction": 0.2}}]},
     )
     out = tmp_path / "out"
+    state_index = out / "silos" / "unicode" / "uplink-state.json"
     run = start_run(job, out)
     try:
         wait_for_rounds(run, out, 1, tmp_path / "run.log")
@@ -224,6 +227,8 @@ def test_a_silo_killed_mid_round_is_left_out_and_rejoins_a_later_round(assets: P
         assert victim is not None
         killed_after = len(rounds_in(out))
         victim.send_signal(signal.SIGKILL)  # restarted by `fedjob run` after a 10 s back-off, like a Job
+        victim.wait(10)
+        committed = json.loads(state_index.read_text())["round"] if state_index.exists() else 0
         assert run.wait(600) == 0, (tmp_path / "run.log").read_text()[-3000:]
     finally:
         if run.poll() is None:
@@ -234,6 +239,11 @@ def test_a_silo_killed_mid_round_is_left_out_and_rejoins_a_later_round(assets: P
     assert left_out and left_out[0]["num_participants"] == 3, history
     assert "unicode" in history[-1]["participants"], history
     assert "silo unicode exited with -9; restarting it" in (tmp_path / "run.log").read_text()
+    # The restarted silo took up its residual as committed before the kill, and kept committing.
+    assert committed >= 1
+    silo_log = (out / "logs" / "silo-unicode.log").read_text()
+    assert f"(state restored from round {committed})" in silo_log, silo_log[-3000:]
+    assert json.loads(state_index.read_text())["round"] == 7
 
 
 @pytest.mark.slow

@@ -41,6 +41,7 @@ from fedjob.chunking import (
 from fedjob.codec import DOWNLOAD_CODEC, Codec
 from fedjob.robust import CoordinateSample
 from fedjob.spec import FederatedJob
+from fedjob.update_stages import UpdateRejected, uplink_from_spec
 from fedjob.v1 import fedjob_pb2 as pb
 from fedjob_aggregator.recorder import RoundRecorder, evaluation_fields
 from fedjob_aggregator.round_aggregators import (
@@ -140,6 +141,8 @@ class Coordinator:
         self.download_codec = Codec.from_name(DOWNLOAD_CODEC)
         self.chunk_bytes = job.spec.compression.chunk_bytes
         self.expected_chunks = count_chunks(self.upload_manifest, self.codec, self.chunk_bytes)
+        # The silos' uplink stages: their aggregator halves check every upload.
+        self.uplink = uplink_from_spec(job.spec.compression.uplink)
         self.evaluate = evaluate
         self.finalize = finalize
         self.observe = observe or (lambda event, fields: None)
@@ -589,6 +592,7 @@ class Coordinator:
                 codec=self.codec,
                 chunk_bytes=self.chunk_bytes,
                 parameters=frozenset(self.manifest),
+                checks=self.uplink.checks(self.manifest),
             )
             rnd.in_flight[silo] = up
             self.silos[silo].state = "uploading"
@@ -649,6 +653,11 @@ class Coordinator:
             if why is not None:
                 self._discard(rnd, up, f"incomplete: {why}")
                 raise Refused("FAILED_PRECONDITION", "incomplete", f"update incomplete: {why}")
+            try:
+                up.settle()
+            except UpdateRejected as exc:
+                self._discard(rnd, up, exc.detail)
+                raise Refused("INVALID_ARGUMENT", exc.reason, exc.detail) from None
             up.folding = True
             rnd.folding += 1
             self.silos[up.silo].state = "aggregating"

@@ -44,6 +44,7 @@ REASONS = (
     "concurrent_upload",
     "too_many_calls",
     "idle_stream",
+    "too_dense",
 )
 
 

@@ -82,7 +82,8 @@ class RoundAggregator(ABC):
     def add(self, up: UploadSession) -> None:
         """Take one complete, checked update (called one at a time, outside the coordinator's lock)."""
         norm = math.sqrt(up.norm_sq)
-        scale = self.strategy.update_scale(norm)
+        # The uplink stages' bound first (clip's aggregator half), then the strategy's own.
+        scale = up.stage_scale * self.strategy.update_scale(norm * up.stage_scale)
         row = np.zeros(self.sample.size, dtype=np.float32)
         self._begin(up, up.weight * scale)
         try:

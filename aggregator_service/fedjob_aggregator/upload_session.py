@@ -12,6 +12,7 @@ stream resumes from the next chunk it lacks.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -21,8 +22,9 @@ from typing import BinaryIO
 import numpy as np
 
 from fedjob.aggregation import UpdateMeta
-from fedjob.chunking import ChunkValidator, TensorInfo, raw_bytes
+from fedjob.chunking import ChunkRejected, ChunkValidator, TensorInfo, raw_bytes
 from fedjob.codec import F32, Codec
+from fedjob.update_stages import UpdateCheck, UpdateRejected
 from fedjob.v1 import fedjob_pb2 as pb
 
 _LENGTH = 4  # each spooled chunk: a little-endian length, then the serialised Chunk
@@ -45,6 +47,8 @@ class UploadSession:
     validator: ChunkValidator
     parameters: frozenset[str] = frozenset()  # the tensors whose norm is the update's norm
     norm_sq: float = 0.0  # sum of squares of the parameter deltas received so far
+    checks: list[UpdateCheck] = field(default_factory=list)  # the uplink stages' aggregator halves
+    stage_scale: float = 1.0  # what the checks allowed, set by settle()
     streaming: bool = True  # a handler is reading this upload's stream right now
     folding: bool = False  # complete; being folded into the sum
     _file: BinaryIO | None = field(default=None, repr=False)
@@ -66,6 +70,7 @@ class UploadSession:
         codec: Codec,
         chunk_bytes: int,
         parameters: frozenset[str] = frozenset(),
+        checks: list[UpdateCheck] | None = None,
     ) -> UploadSession:
         session = cls(
             silo=silo,
@@ -78,6 +83,7 @@ class UploadSession:
             raw_bytes=raw_bytes(manifest),
             validator=ChunkValidator(manifest, codec, chunk_bytes),
             parameters=parameters,
+            checks=list(checks or []),
         )
         session._file = open(spool, "wb")  # noqa: SIM115 - lives as long as the session
         return session
@@ -95,6 +101,11 @@ class UploadSession:
             if name in self.parameters:
                 # Decoded anyway for the checks: the norm costs one dot product more.
                 self.norm_sq += float(np.einsum("i,i->", values, values, dtype=np.float64))
+                try:
+                    for c in self.checks:
+                        c.observe(name, int(chunk.offset), values)
+                except UpdateRejected as exc:
+                    raise ChunkRejected(exc.reason, exc.detail) from None
             data = chunk.SerializeToString()
             self._file.write(len(data).to_bytes(_LENGTH, "little"))
             self._file.write(data)
@@ -106,6 +117,15 @@ class UploadSession:
         if trailer_chunks != self.total_chunks or v.next_seq != self.total_chunks or v.missing():
             return f"got {v.next_seq} of {self.total_chunks} chunks"
         return None
+
+    def settle(self) -> float:
+        """The update is whole: the factor its stages' checks allow (raises UpdateRejected)."""
+        norm = math.sqrt(self.norm_sq)
+        scale = 1.0
+        for c in self.checks:
+            scale *= c.finish(norm * scale)
+        self.stage_scale = scale
+        return scale
 
     def seal(self) -> None:
         """The last chunk is in (or the session ends): close the spool for writing."""

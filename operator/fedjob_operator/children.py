@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from fedjob.spec import FederatedJob, ResourcesSpec, VolumeSpec
+from fedjob.spec import FederatedJob, ResourcesSpec, StorageSpec, VolumeSpec
 
 GRPC_PORT = 50051
 METRICS_PORT = 9090
@@ -48,6 +48,15 @@ def silo_job_name(job: str, silo: str) -> str:
 
 def silo_tls_name(job: str, silo: str) -> str:
     return f"{job}-silo-{silo}-tls"
+
+
+def silo_state_name(job: str, silo: str) -> str:
+    return f"{job}-silo-{silo}-state"
+
+
+def silo_keeps_state(job: FederatedJob) -> bool:
+    """The job's uplink has a stage whose state must outlive a silo pod (top-k's residual)."""
+    return any(st.topk is not None and st.topk.error_feedback for st in job.spec.compression.uplink)
 
 
 def labels(job: str, component: str, silo: str | None = None) -> dict[str, str]:
@@ -220,17 +229,32 @@ def _threads_env(r: ResourcesSpec, container: str) -> list[dict[str, Any]]:
     return []
 
 
-def state_pvc(job: FederatedJob, namespace: str) -> dict[str, Any]:
-    st = job.spec.aggregator.storage
+def _pvc(st: StorageSpec, name: str, namespace: str, lbls: dict[str, str]) -> dict[str, Any]:
     spec: dict[str, Any] = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": st.size}}}
     if st.storage_class_name:
         spec["storageClassName"] = st.storage_class_name
     return {
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
-        "metadata": _meta(names(job.name)["state"], namespace, labels(job.name, "aggregator")),
+        "metadata": _meta(name, namespace, lbls),
         "spec": spec,
     }
+
+
+def state_pvc(job: FederatedJob, namespace: str) -> dict[str, Any]:
+    return _pvc(
+        job.spec.aggregator.storage, names(job.name)["state"], namespace, labels(job.name, "aggregator")
+    )
+
+
+def silo_state_pvc(job: FederatedJob, silo: str, namespace: str) -> dict[str, Any]:
+    """Where a silo's update-stage state survives its pods (a retried pod resumes its residual)."""
+    return _pvc(
+        job.silo(silo).storage,
+        silo_state_name(job.name, silo),
+        namespace,
+        labels(job.name, "silo", silo),
+    )
 
 
 def aggregator_deployment(
@@ -322,6 +346,12 @@ def silo_job(job: FederatedJob, silo: str, namespace: str, images: Images) -> di
     n = names(job.name)
     lbl = labels(job.name, "silo", silo)
     volumes, mounts = _data_volumes(job, silo, with_eval=False)
+    keeps_state = silo_keeps_state(job)
+    if keeps_state:
+        volumes.append(
+            {"name": "state", "persistentVolumeClaim": {"claimName": silo_state_name(job.name, silo)}}
+        )
+        mounts.append({"name": "state", "mountPath": STATE_MOUNT})
     container = {
         "name": "worker",
         "image": job.spec.images.worker or images.worker,
@@ -337,6 +367,7 @@ def silo_job(job: FederatedJob, silo: str, namespace: str, images: Images) -> di
             f"{n['aggregator']}.{namespace}.svc:{GRPC_PORT}",
             "--server-name",
             n["aggregator"],
+            *(["--state", STATE_MOUNT] if keeps_state else []),
         ],
         "env": [*_common_env(), *_threads_env(s.resources, "worker")],
         "resources": _resources(s.resources),

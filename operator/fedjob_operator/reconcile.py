@@ -181,6 +181,13 @@ class JobReconciler:
             self.scale_aggregator(1 if running else 0)
         for silo in job.silo_names():
             name = silo_job_name(self.name, silo)
+            if children.silo_keeps_state(job) and _create(
+                core.create_namespaced_persistent_volume_claim,
+                self.ns,
+                children.silo_state_pvc(job, silo, self.ns),
+                self.owner,
+            ):
+                created.append(f"PersistentVolumeClaim/{children.silo_state_name(self.name, silo)}")
             if running:
                 if _create(
                     batch.create_namespaced_job,

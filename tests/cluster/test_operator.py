@@ -129,6 +129,32 @@ def test_a_job_creates_its_children_with_the_expected_specs(
     assert ("Normal", "Created") in [(t, r) for t, r, _ in events(namespace, "demo")]
 
 
+def test_a_silo_whose_uplink_keeps_state_gets_a_volume_for_it(
+    cluster: Cluster, namespace: str, operator: OperatorProcess
+) -> None:
+    silos = [
+        {"name": "alpha", "data": {"path": "/data"}, "storage": {"size": "3Gi"}},
+        {"name": "beta", "data": {"path": "/data"}},
+    ]
+    create_job(namespace, job_doc(silos=silos, compression={"uplink": [{"topk": {"fraction": 0.05}}]}))
+    want = {
+        **EXPECTED,
+        "persistentvolumeclaims": ["demo-aggregator-state", "demo-silo-alpha-state", "demo-silo-beta-state"],
+    }
+    wait_for(lambda: children(namespace) == want or None, 30, "children with the silos' state volumes")
+    core, batch = client.CoreV1Api(), client.BatchV1Api()
+    pvc = core.read_namespaced_persistent_volume_claim("demo-silo-alpha-state", namespace)
+    assert pvc.spec.resources.requests["storage"] == "3Gi"
+    assert pvc.metadata.labels["fedjob.io/silo"] == "alpha"
+    # The residual outlives a pod: the retried pod mounts the same claim and the worker is told so.
+    pod = batch.read_namespaced_job("demo-silo-alpha", namespace).spec.template.spec
+    state = next(v for v in pod.volumes if v.name == "state")
+    assert state.persistent_volume_claim.claim_name == "demo-silo-alpha-state"
+    c = pod.containers[0]
+    assert c.args[-2:] == ["--state", "/var/lib/fedjob"]
+    assert any(m.name == "state" and m.mount_path == "/var/lib/fedjob" for m in c.volume_mounts)
+
+
 def test_deleting_the_job_garbage_collects_its_children(
     cluster: Cluster, namespace: str, operator: OperatorProcess
 ) -> None:

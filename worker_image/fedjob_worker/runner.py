@@ -20,8 +20,10 @@ import numpy as np
 from fedjob.chunking import State, TensorInfo
 from fedjob.codec import DOWNLOAD_CODEC, Codec
 from fedjob.spec import FederatedJob
+from fedjob.stage_state import StageStateStore, StatefulUplink
 from fedjob.strategies import make_strategy
 from fedjob.tls import CertFiles
+from fedjob.update_stages import Update, uplink_from_spec
 from fedjob.v1 import fedjob_pb2 as pb
 
 log = logging.getLogger("fedjob.worker")
@@ -33,6 +35,7 @@ class WorkerOptions:
     address: str
     certs: Path
     server_name: str | None = None
+    state: Path | None = None  # where the silo's update-stage state survives a restart
 
 
 def free_port() -> int:
@@ -153,7 +156,19 @@ def _rank_main(job: FederatedJob, opts: WorkerOptions, rank: int, world: int, po
     strategy = make_strategy(job.spec.aggregation, len(job.spec.silos))
     download_manifest = {**manifest, **strategy.download_extras_manifest(manifest)}
     client = None
+    uplink: StatefulUplink | None = None
     if rank == 0:
+        uplink = StatefulUplink(
+            uplink_from_spec(comp.uplink), StageStateStore(opts.state) if opts.state is not None else None
+        )
+        if uplink.pipeline.stages:
+            log.info(
+                "uplink stages: %s%s",
+                uplink.pipeline.name,
+                f" (state restored from round {uplink.restored_round})" if uplink.restored_round else "",
+            )
+        if uplink.pipeline.stateful and opts.state is None:
+            log.warning("no --state folder: the uplink's stage state is lost if this silo restarts")
         client = AggregatorClient(
             opts.address, CertFiles(opts.certs), opts.silo, comp.chunk_bytes, server_name=opts.server_name
         )
@@ -235,11 +250,13 @@ def _rank_main(job: FederatedJob, opts: WorkerOptions, rank: int, world: int, po
             result.train_loss,
             time.time() - started,
         )
-        if client is not None:
-            delta = result.state  # trainer-owned arrays: the delta is computed in place
+        if client is not None and uplink is not None:
+            deltas = result.state  # trainer-owned arrays: the delta is computed in place
             for n, g in global_state.items():
-                delta[n] -= g
-            delta.update(result.extras)
+                deltas[n] -= g
+            update = Update(round_number, deltas, dict(result.extras))
+            uplink.apply(update)
+            delta = {**update.deltas, **update.extras}
             try:
                 sent = client.upload(
                     round_number,
@@ -255,8 +272,10 @@ def _rank_main(job: FederatedJob, opts: WorkerOptions, rank: int, world: int, po
                 )
                 log.info("round %d: update sent, %d bytes (%s)", round_number, sent, codec.name)
                 delivered = round_number
+                uplink.commit(round_number)
             except UpdateRefused as exc:
                 log.error("round %d: update refused: %s", round_number, exc)
+                uplink.rollback()
     if client is not None:
         client.close()
     trainer.close()
