@@ -351,7 +351,7 @@ def test_a_stuck_upload_cannot_hold_the_round_past_its_deadline(tmp_path: Path, 
     chunks = list(iter_chunks(ones_like(small_state, 1.0), CODEC, CHUNK, np.random.default_rng(0)))
 
     def start(silo: str) -> Any:
-        return coord.begin_upload(
+        return coord.uploads.begin(
             silo,
             pb.UpdateHeader(
                 round=1,
@@ -364,11 +364,11 @@ def test_a_stuck_upload_cannot_hold_the_round_past_its_deadline(tmp_path: Path, 
         )
 
     stuck = start("alpha")
-    coord.add_chunk(stuck, chunks[0])  # ... and never another byte
+    coord.uploads.add_chunk(stuck, chunks[0])  # ... and never another byte
     honest = start("beta")
     for c in chunks:
-        coord.add_chunk(honest, c)
-    coord.finish_upload(honest, pb.UpdateTrailer(total_chunks=len(chunks)))
+        coord.uploads.add_chunk(honest, c)
+    coord.uploads.finish(honest, pb.UpdateTrailer(total_chunks=len(chunks)))
     started = time.time()
     while coord.completed < 1:
         assert time.time() - started < 5, "the round must close at its deadline"

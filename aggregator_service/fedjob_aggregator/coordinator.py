@@ -1,8 +1,10 @@
-"""The round state machine: open a round, collect updates, close it, checkpoint, repeat.
+"""Round policy: open a round, wait for its silos or its deadline, close it, checkpoint, repeat.
 
-All mutable state sits behind one condition variable. gRPC handler threads call
-`begin_upload` / `add_chunk` / `finish_upload`; the main thread runs `run()`, which
-waits for "every silo reported" or the deadline and then closes the round.
+All mutable state sits behind one condition variable, shared with the upload
+protocol (`upload_protocol.py`, which gRPC handler threads drive: which uploads
+may open, resume and complete). The main thread runs `run()`, which waits for
+"every silo reported" or the deadline and then closes the round: quorum, the
+strategy's math, evaluation, the checkpoint and the round's record.
 
 Memory is two copies of the trainable state: the global model (immutable while a
 round is open; downloads stream straight from it) and the round's running sum.
@@ -17,12 +19,10 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,84 +30,19 @@ import numpy as np
 
 from fedjob.aggregation import Strategy, UpdateMeta
 from fedjob.checkpoint import Checkpoint, CheckpointStore, CheckpointWriter
-from fedjob.chunking import (
-    ChunkRejected,
-    State,
-    TensorInfo,
-    count_chunks,
-    iter_chunks,
-    manifest_of,
-)
+from fedjob.chunking import State, TensorInfo, count_chunks, iter_chunks, manifest_of
 from fedjob.codec import DOWNLOAD_CODEC, Codec
 from fedjob.robust import CoordinateSample
 from fedjob.spec import FederatedJob
-from fedjob.update_stages import UpdateRejected, uplink_from_spec
+from fedjob.update_stages import uplink_from_spec
 from fedjob.v1 import fedjob_pb2 as pb
+from fedjob_aggregator.claims import Claims
 from fedjob_aggregator.recorder import RoundRecorder, evaluation_fields
-from fedjob_aggregator.round_aggregators import (
-    CollectingAggregator,
-    RoundAggregator,
-    StreamingAggregator,
-    UpdateScore,
-)
-from fedjob_aggregator.upload_session import SessionClosed, UploadSession
+from fedjob_aggregator.round_aggregators import CollectingAggregator, RoundAggregator, StreamingAggregator
+from fedjob_aggregator.round_state import Refused, RoundState, SiloState
+from fedjob_aggregator.upload_protocol import UploadProtocol
 
 log = logging.getLogger("fedjob.aggregator")
-
-
-class Refused(Exception):
-    """A request that breaks a protocol rule; `code` names the gRPC status to answer with."""
-
-    def __init__(self, code: str, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.code = code
-        self.reason = reason
-        self.detail = detail
-
-
-CHUNK_REASON_CODES = {
-    "checksum": "DATA_LOSS",
-    "oversized": "RESOURCE_EXHAUSTED",
-    "duplicate_chunk": "FAILED_PRECONDITION",
-    "out_of_order": "FAILED_PRECONDITION",
-}
-
-
-@dataclass
-class SiloState:
-    state: str = "absent"
-    last_round: int = 0
-    last_train_loss: float = math.nan
-    bytes_up: int = 0
-    bytes_down: int = 0
-    last_score: UpdateScore | None = None
-    scored_round: int = 0
-
-
-# A sample count beyond any corpus (2^40 windows): a header claiming more is implausible.
-MAX_CLAIMED_SAMPLES = 1 << 40
-
-
-@dataclass
-class RoundState:
-    number: int
-    opened: float
-    deadline: float
-    aggregator: RoundAggregator
-    reported: dict[str, UpdateMeta] = field(default_factory=dict)
-    in_flight: dict[str, UploadSession] = field(default_factory=dict)
-    bytes_up: dict[str, int] = field(default_factory=dict)
-    bytes_down: dict[str, int] = field(default_factory=dict)
-    raw_up: int = 0
-    rejected: int = 0
-    clock_started: bool = True
-    folding: int = 0  # completed uploads being folded into the sum right now
-    closing: bool = False  # the close has begun: no new downloads or uploads
-    evaluation_only: bool = False  # after the last round: silos evaluate the final model
-
-    def evaluations(self) -> dict[str, tuple[float, int]]:
-        """silo: (held-out loss, windows) of the silos that evaluated (in their header, or reported)."""
-        return {m.silo: (m.eval_loss, m.eval_samples) for m in self.reported.values() if m.eval_samples}
 
 
 Observer = Callable[[str, dict[str, Any]], None]
@@ -140,9 +75,6 @@ class Coordinator:
         self.codec = Codec.from_spec(job.spec.compression.codec, job.spec.compression.zstd)
         self.download_codec = Codec.from_name(DOWNLOAD_CODEC)
         self.chunk_bytes = job.spec.compression.chunk_bytes
-        self.expected_chunks = count_chunks(self.upload_manifest, self.codec, self.chunk_bytes)
-        # The silos' uplink stages: their aggregator halves check every upload.
-        self.uplink = uplink_from_spec(job.spec.compression.uplink)
         self.evaluate = evaluate
         self.finalize = finalize
         self.observe = observe or (lambda event, fields: None)
@@ -155,9 +87,24 @@ class Coordinator:
         self.spool_dir.mkdir(parents=True)
         self.sample = CoordinateSample(self.manifest, seed=job.spec.training.seed)
         self.cond = threading.Condition()
-        self._fold_lock = threading.Lock()  # one update at a time into the sum
-        self._checking = threading.BoundedSemaphore(max(2, os.cpu_count() or 2))  # chunks decoded at once
         self.silos = {s: SiloState() for s in job.silo_names()}
+        self.claims = Claims(job)
+        self.uploads = UploadProtocol(
+            cond=self.cond,
+            round_for=self._round_for,
+            current=lambda: self.current,
+            silos=self.silos,
+            claims=self.claims,
+            strategy=strategy,
+            codec=self.codec,
+            chunk_bytes=self.chunk_bytes,
+            manifest=self.manifest,
+            upload_manifest=self.upload_manifest,
+            # The silos' uplink stages: their aggregator halves check every upload.
+            uplink=uplink_from_spec(job.spec.compression.uplink),
+            spool_dir=self.spool_dir,
+            observe=self.observe,
+        )
         self.phase = "Running"
         self.message = ""
         self.rejected_total = 0
@@ -189,7 +136,7 @@ class Coordinator:
         self.current: RoundState | None = None
         self.seen: set[str] = set()  # silos that called in since this process started
         self._first_round = True
-        self.evaluates = job.spec.evaluation.batches > 0
+        self.evaluates = self.claims.evaluates
         if self.completed >= self.spec.rounds and (self.final_evaluation_done or not self.evaluates):
             self.phase = "Succeeded"
         log.info("job %s: resuming after round %d of %d", job.name, self.completed, self.spec.rounds)
@@ -273,8 +220,7 @@ class Coordinator:
             return
         # A completed upload being folded right now still counts: it arrived in time.
         self.cond.wait_for(lambda: rnd.folding == 0)
-        for up in list(rnd.in_flight.values()):
-            self._discard(rnd, up, "round closed before the upload completed")
+        self.uploads.drop_unfinished(rnd, "round closed before the upload completed")
         missing = sorted(set(self.silos) - set(rnd.reported))
         for silo in missing:
             self.silos[silo].state = "missed"
@@ -402,27 +348,12 @@ class Coordinator:
                     "not_evaluating",
                     f"round {rnd.number} trains; its evaluation rides in the update header",
                 )
-            self._check_evaluation(silo, loss, samples)
+            self.claims.check_evaluation(silo, loss, samples)
             if silo in rnd.reported:
                 raise Refused("ALREADY_EXISTS", "replay", f"{silo} already reported its evaluation")
             rnd.reported[silo] = UpdateMeta(silo, 1, 1, math.nan, loss, samples)
             self.silos[silo].state = "reported"
             self.cond.notify_all()
-
-    def _check_evaluation(self, silo: str, loss: float, samples: int) -> None:
-        """A silo evaluates a fixed number of windows: anything else would buy it weight."""
-        if not self.evaluates:
-            raise Refused("INVALID_ARGUMENT", "bad_eval", "this job runs no federated evaluation")
-        t = self.spec.training
-        expected = self.spec.evaluation.batches * t.batch_size * self.job.silo(silo).processes
-        if samples != expected:
-            raise Refused(
-                "INVALID_ARGUMENT",
-                "bad_eval",
-                f"evaluation of {samples} windows; this silo evaluates {expected}",
-            )
-        if not math.isfinite(loss) or loss < 0:
-            raise Refused("INVALID_ARGUMENT", "bad_eval", f"evaluation loss {loss} is not a finite loss")
 
     # ----- what handlers call ----------------------------------------------------------------------
 
@@ -517,204 +448,6 @@ class Coordinator:
                 "OUT_OF_RANGE", "future_round", f"round {round_number} is not open; round {rnd.number} is"
             )
         return rnd
-
-    def begin_upload(self, silo: str, header: pb.UpdateHeader) -> UploadSession:
-        with self.cond:
-            rnd = self._round_for(silo, header.round)
-            if silo in rnd.reported:
-                raise Refused(
-                    "ALREADY_EXISTS", "replay", f"{silo} already delivered its update for round {rnd.number}"
-                )
-            if header.eval_samples:
-                self._check_evaluation(silo, header.eval_loss, int(header.eval_samples))
-            if rnd.evaluation_only:
-                raise Refused(
-                    "FAILED_PRECONDITION",
-                    "not_training",
-                    f"round {rnd.number} only evaluates the final model; use ReportEvaluation",
-                )
-            self._check_claims(silo, header)
-            if header.total_chunks != self.expected_chunks:
-                raise Refused(
-                    "INVALID_ARGUMENT",
-                    "bad_header",
-                    f"update announces {header.total_chunks} chunks; "
-                    f"this model and codec make {self.expected_chunks}",
-                )
-            held = rnd.in_flight.get(silo)
-            if held is not None and held.streaming:
-                raise Refused(
-                    "RESOURCE_EXHAUSTED",
-                    "concurrent_upload",
-                    f"{silo} already has an upload streaming; one at a time per silo",
-                )
-            if held is not None and held.folding:
-                raise Refused(
-                    "ALREADY_EXISTS", "replay", f"{silo}'s update for round {rnd.number} is being aggregated"
-                )
-            if held is not None and held.upload_id == header.upload_id:
-                if header.resume_from != held.next_seq:
-                    raise Refused(
-                        "FAILED_PRECONDITION",
-                        "out_of_order",
-                        f"resume from chunk {header.resume_from}, the aggregator holds up to {held.next_seq}",
-                    )
-                held.streaming = True
-                return held
-            if held is not None:
-                self._discard(rnd, held, "superseded by a new upload")
-            if header.resume_from != 0:
-                raise Refused(
-                    "FAILED_PRECONDITION",
-                    "out_of_order",
-                    f"nothing held for upload {header.upload_id!r}; start at chunk 0",
-                )
-            claimed = int(header.num_samples)
-            cap = self.job.silo(silo).max_samples
-            meta = UpdateMeta(
-                silo,
-                min(claimed, cap) if cap else claimed,
-                int(header.local_steps),
-                float(header.train_loss),
-                float(header.eval_loss) if header.eval_samples else math.nan,
-                int(header.eval_samples),
-                claimed_samples=claimed if cap and claimed > cap else 0,
-            )
-            up = UploadSession.open(
-                silo=silo,
-                round_number=rnd.number,
-                upload_id=header.upload_id,
-                meta=meta,
-                weight=self.strategy.weight(meta),
-                total_chunks=header.total_chunks,
-                spool=self.spool_dir / f"r{rnd.number}-{silo}.spool",
-                manifest=self.upload_manifest,
-                codec=self.codec,
-                chunk_bytes=self.chunk_bytes,
-                parameters=frozenset(self.manifest),
-                checks=self.uplink.checks(self.manifest),
-            )
-            rnd.in_flight[silo] = up
-            self.silos[silo].state = "uploading"
-            return up
-
-    def _check_claims(self, silo: str, header: pb.UpdateHeader) -> None:
-        """The header's numbers are the silo's word: refuse what no honest silo of this job sends."""
-        if header.num_samples == 0 or header.local_steps == 0 or not math.isfinite(header.train_loss):
-            raise Refused(
-                "INVALID_ARGUMENT",
-                "bad_header",
-                "header needs num_samples > 0, local_steps > 0 and a finite train_loss",
-            )
-        expected_steps = self.job.silo(silo).local_steps or self.spec.training.local_steps
-        if header.local_steps != expected_steps:
-            raise Refused(
-                "INVALID_ARGUMENT",
-                "implausible_header",
-                f"local_steps {header.local_steps}; {silo} runs {expected_steps} per round",
-            )
-        if header.num_samples > MAX_CLAIMED_SAMPLES:
-            raise Refused(
-                "INVALID_ARGUMENT",
-                "implausible_header",
-                f"num_samples {header.num_samples}; no corpus has more than {MAX_CLAIMED_SAMPLES} windows",
-            )
-        if header.train_loss < 0:
-            raise Refused("INVALID_ARGUMENT", "implausible_header", f"train_loss {header.train_loss} < 0")
-
-    def add_chunk(self, up: UploadSession, chunk: pb.Chunk) -> None:
-        with self.cond:
-            rnd = self._live(up)
-        # Checking (decode, CRC, finite) and spooling touch only this session, which one handler
-        # at a time owns: outside the lock, so silos upload in parallel and status answers.
-        # The semaphore bounds the decoded temporaries alive at once, whatever the silo count.
-        try:
-            with self._checking:
-                size = up.receive(chunk)
-        except SessionClosed as exc:
-            raise Refused("FAILED_PRECONDITION", "stale_round", str(exc)) from None
-        except ChunkRejected as exc:
-            with self.cond:
-                if rnd.in_flight.get(up.silo) is up:
-                    self._discard(rnd, up, exc.detail)
-            raise Refused(
-                CHUNK_REASON_CODES.get(exc.reason, "INVALID_ARGUMENT"), exc.reason, exc.detail
-            ) from None
-        with self.cond:
-            self._live(up)  # the round may have closed meanwhile: the spool is gone with it
-            rnd.bytes_up[up.silo] = rnd.bytes_up.get(up.silo, 0) + size
-            self.silos[up.silo].bytes_up += size
-
-    def finish_upload(self, up: UploadSession, trailer: pb.UpdateTrailer) -> None:
-        """The trailer arrived: fold the whole update into the round's sum, or refuse it."""
-        with self.cond:
-            rnd = self._live(up)
-            why = up.incomplete(trailer.total_chunks)
-            if why is not None:
-                self._discard(rnd, up, f"incomplete: {why}")
-                raise Refused("FAILED_PRECONDITION", "incomplete", f"update incomplete: {why}")
-            try:
-                up.settle()
-            except UpdateRejected as exc:
-                self._discard(rnd, up, exc.detail)
-                raise Refused("INVALID_ARGUMENT", exc.reason, exc.detail) from None
-            up.folding = True
-            rnd.folding += 1
-            self.silos[up.silo].state = "aggregating"
-        try:
-            # Outside the lock: folding a large update takes seconds and must not stall
-            # status or other silos. The round's close waits for rnd.folding to drop.
-            with self._fold_lock:
-                rnd.aggregator.add(up)
-        except BaseException:
-            with self.cond:
-                rnd.folding -= 1
-                up.folding = False
-                self._discard(rnd, up, "its spool could not be read back")
-                self.cond.notify_all()
-            raise
-        with self.cond:
-            rnd.reported[up.silo] = up.meta
-            rnd.raw_up += up.raw_bytes
-            rnd.in_flight.pop(up.silo, None)
-            rnd.folding -= 1
-            s = self.silos[up.silo]
-            s.state, s.last_round, s.last_train_loss = "reported", rnd.number, up.meta.train_loss
-            self.observe(
-                "update_accepted", {"silo": up.silo, "round": rnd.number, "train_loss": up.meta.train_loss}
-            )
-            self.cond.notify_all()
-
-    def resume_point(self, silo: str, round_number: int, upload_id: str) -> int:
-        with self.cond:
-            rnd = self.current
-            if rnd is None or rnd.number != round_number:
-                return 0
-            held = rnd.in_flight.get(silo)
-            return held.next_seq if held is not None and held.upload_id == upload_id else 0
-
-    def stream_ended(self, up: UploadSession) -> None:
-        with self.cond:
-            up.streaming = False
-
-    def _live(self, up: UploadSession) -> RoundState:
-        rnd = self.current
-        if (
-            rnd is None
-            or rnd.number != up.round
-            or rnd.closing
-            or rnd.in_flight.get(up.silo) is not up
-            or up.folding
-        ):
-            raise Refused("FAILED_PRECONDITION", "stale_round", f"round {up.round} closed during the upload")
-        return rnd
-
-    def _discard(self, rnd: RoundState, up: UploadSession, why: str) -> None:
-        """Drop an unfinished upload: nothing of it was folded, so its spool is all there is."""
-        up.discard()
-        rnd.in_flight.pop(up.silo, None)
-        self.silos[up.silo].state = "rejected"
-        log.warning("round %d: dropped the upload of %s: %s", rnd.number, up.silo, why)
 
     def count_rejection(self, silo: str) -> None:
         with self.cond:

@@ -14,8 +14,9 @@ from fedjob.tls import Identity, identity_of
 from fedjob.v1 import fedjob_pb2 as pb
 from fedjob.v1 import fedjob_pb2_grpc as pb_grpc
 from fedjob_aggregator.admission import Admission, IdleWatch, StreamClock, TooManyCalls
-from fedjob_aggregator.coordinator import Coordinator, Refused
+from fedjob_aggregator.coordinator import Coordinator
 from fedjob_aggregator.metrics import AggregatorMetrics
+from fedjob_aggregator.round_state import Refused
 
 log = logging.getLogger("fedjob.aggregator")
 VERSION = "0.1.0"
@@ -164,7 +165,7 @@ class FederatedTrainingServicer(pb_grpc.FederatedTrainingServicer):
             clock.touch()
             if first is None or first.WhichOneof("part") != "header":
                 raise Refused("INVALID_ARGUMENT", "bad_header", "an upload starts with an UpdateHeader")
-            up = self.coord.begin_upload(silo, first.header)
+            up = self.coord.uploads.begin(silo, first.header)
         except Refused as exc:
             self._refuse(context, silo, exc)
         try:
@@ -172,10 +173,10 @@ class FederatedTrainingServicer(pb_grpc.FederatedTrainingServicer):
                 clock.touch()
                 part = msg.WhichOneof("part")
                 if part == "chunk":
-                    self.coord.add_chunk(up, msg.chunk)
+                    self.coord.uploads.add_chunk(up, msg.chunk)
                     received += len(msg.chunk.payload)
                 elif part == "trailer":
-                    self.coord.finish_upload(up, msg.trailer)
+                    self.coord.uploads.finish(up, msg.trailer)
                     self.metrics.bytes(silo, "up", received)
                     return pb.UploadReceipt(round=up.round, bytes_received=received, accepted=True)
                 else:
@@ -194,7 +195,7 @@ class FederatedTrainingServicer(pb_grpc.FederatedTrainingServicer):
             self.metrics.bytes(silo, "up", received)
             self._refuse(context, silo, exc)
         finally:
-            self.coord.stream_ended(up)
+            self.coord.uploads.stream_ended(up)
         raise AssertionError("unreachable")
 
     def QueryUpload(
@@ -202,7 +203,7 @@ class FederatedTrainingServicer(pb_grpc.FederatedTrainingServicer):
     ) -> pb.QueryUploadReply:
         silo = self._silo(context)
         with self._admitted(context, silo, "other"):
-            held = self.coord.resume_point(silo, request.round, request.upload_id)
+            held = self.coord.uploads.resume_point(silo, request.round, request.upload_id)
         return pb.QueryUploadReply(next_seq=held)
 
     def ReportEvaluation(
