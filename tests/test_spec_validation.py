@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -95,6 +96,15 @@ def test_each_invalid_field_is_named_with_its_rule(mutate, expected: str) -> Non
     mutate(doc)
     problems = problems_of(doc)
     assert any(p.startswith(expected) for p in problems), problems
+
+
+def test_the_readmes_reference_document_is_a_valid_job() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if "kind: FederatedJob" in b]
+    assert blocks, "the README shows a FederatedJob"
+    for block in blocks:
+        job = parse_job(yaml.safe_load(block), "README.md")
+        assert job.spec.compression.uplink  # it shows the update stages too
 
 
 def test_every_problem_is_reported_at_once() -> None:
