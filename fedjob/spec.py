@@ -328,8 +328,24 @@ class CompressionSpec(_Spec):
     chunk_bytes: int = Field(1 << 20, ge=4096, le=4 << 20, description="Largest chunk payload on the wire.")
 
 
+class StreamDeadlinesSpec(_Spec):
+    """How long the aggregator holds a quiet upload stream before it cancels it and frees its slot."""
+
+    header_seconds: float = Field(
+        30.0, gt=0, le=3600, description="From opening an upload stream to its header."
+    )
+    idle_seconds: float = Field(
+        120.0,
+        gt=0,
+        le=3600,
+        description="Between two messages of an upload (raise it for slow links: one chunk of "
+        "chunkBytes must arrive within it).",
+    )
+
+
 class AggregatorSpec(_Spec):
     storage: StorageSpec = Field(default_factory=StorageSpec)
+    streams: StreamDeadlinesSpec = Field(default_factory=StreamDeadlinesSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
 
 

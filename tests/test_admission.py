@@ -20,7 +20,6 @@ from fedjob_aggregator.admission import (
     SILO_LIMITS,
     STATUS_RESERVE,
     Admission,
-    IdleWatch,
     TooManyCalls,
     pool_size,
 )
@@ -48,8 +47,12 @@ def test_each_identity_has_its_own_slots_per_kind_of_call() -> None:
 def test_two_hundred_stalled_streams_from_one_silo_delay_neither_status_nor_an_honest_upload(
     tmp_path: Path, small_state: State
 ) -> None:
-    job = parse_job(job_doc(aggregation={"minSilos": 2, "roundDeadlineSeconds": 600}))
-    watch = IdleWatch(header_seconds=4.0, idle_seconds=4.0, tick=0.2)
+    job = parse_job(
+        job_doc(
+            aggregation={"minSilos": 2, "roundDeadlineSeconds": 600},
+            aggregator={"streams": {"headerSeconds": 4, "idleSeconds": 4}},
+        )
+    )
     release = threading.Event()
 
     def stalled() -> Iterator[pb.UploadMessage]:
@@ -57,7 +60,7 @@ def test_two_hundred_stalled_streams_from_one_silo_delay_neither_status_nor_an_h
         return
         yield
 
-    with serve_live(tmp_path, job, small_state, watch) as agg:
+    with serve_live(tmp_path, job, small_state) as agg:
         alpha = agg.stub("silo-alpha")
         opened = time.monotonic()
         calls = [alpha.UploadUpdate.future(stalled()) for _ in range(200)]

@@ -34,7 +34,8 @@ class FederatedTrainingServicer(pb_grpc.FederatedTrainingServicer):
         self.coord = coordinator
         self.metrics = metrics
         self.admission = Admission()
-        self.watch = watch or IdleWatch()
+        deadlines = job.spec.aggregator.streams
+        self.watch = watch or IdleWatch(deadlines.header_seconds, deadlines.idle_seconds)
         self.watch.start()
 
     @contextmanager
