@@ -162,6 +162,8 @@ def main() -> None:
     )
     p.add_argument("--mu", type=float, default=0.1, help="FedProx proximal weight")
     p.add_argument("--server-lr", type=float, default=0.01, help="FedAdam server learning rate")
+    p.add_argument("--outer-lr", type=float, default=0.7, help="DiLoCo outer learning rate")
+    p.add_argument("--outer-momentum", type=float, default=0.9, help="DiLoCo outer Nesterov momentum")
     p.add_argument("--alphas", default="1.0,0.1")
     p.add_argument("--algorithms", default=ALGORITHMS)
     p.add_argument("--source-bytes", type=int, default=150_000)
@@ -230,6 +232,9 @@ def main() -> None:
                     agg["proximalMu"] = args.mu
                 if algorithm in ("fedadam", "fedyogi", "fedadagrad"):
                     agg["serverLearningRate"] = args.server_lr
+                if algorithm == "diloco":
+                    agg["outerLearningRate"] = args.outer_lr
+                    agg["outerMomentum"] = args.outer_momentum
                 name = f"{algorithm}-{alpha}".replace(".", "-")
                 doc = job_document(args, name, silos, args.rounds, seed, **agg)
                 results[algorithm].setdefault(alpha, []).append(run_job(args, doc, f"{algorithm}-{tag}"))

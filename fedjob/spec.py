@@ -37,7 +37,7 @@ PATTERN_RULES = {
 TrainingMode = Literal["pretrain", "full", "lora", "prefix", "prompt", "adapter"]
 PEFT_MODES = ("lora", "prefix", "prompt", "adapter")
 Codec = Literal["none", "fp16", "bf16", "int8"]
-Algorithm = Literal["fedavg", "fedprox", "scaffold", "fednova", "fedadam", "fedyogi", "fedadagrad"]
+Algorithm = Literal["fedavg", "fedprox", "scaffold", "fednova", "fedadam", "fedyogi", "fedadagrad", "diloco"]
 RobustRule = Literal["median", "trimmedMean", "multiKrum", "normBound"]
 
 
@@ -279,6 +279,10 @@ class AggregationSpec(_Spec):
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.99, ge=0, lt=1)
     tau: float = Field(1e-3, gt=0, description="Adaptivity: the optimisers' epsilon.")
+    outer_learning_rate: float = Field(
+        0.7, gt=0, le=10, description="diloco: the outer SGD's learning rate on the mean delta."
+    )
+    outer_momentum: float = Field(0.9, ge=0, lt=1, description="diloco: the outer Nesterov momentum.")
     robust: RobustSpec | None = None
     max_weight_share: float = Field(
         1.0,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fedjob.aggregation import (
+    DiLoCo,
     FedAdagrad,
     FedAdam,
     FedAvg,
@@ -37,6 +38,8 @@ def make_strategy(aggregation: AggregationSpec, num_silos: int) -> Strategy:
 def _algorithm(a: AggregationSpec, num_silos: int) -> Strategy:
     if a.algorithm == "scaffold":
         return Scaffold(num_silos)
+    if a.algorithm == "diloco":
+        return DiLoCo(a.outer_learning_rate, a.outer_momentum)
     simple: dict[str, type[Strategy]] = {"fedavg": FedAvg, "fedprox": FedProx, "fednova": FedNova}
     if a.algorithm in simple:
         return simple[a.algorithm]()

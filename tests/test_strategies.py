@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from fedjob.aggregation import (
+    DiLoCo,
     FedAdagrad,
     FedAdam,
     FedAvg,
@@ -92,6 +93,40 @@ def test_server_optimisers_match_the_reference_over_several_rounds(
     np.testing.assert_allclose(g["w"], want, rtol=1e-4, atol=1e-5)
 
 
+def test_diloco_is_nesterov_sgd_on_the_mean_delta_and_its_momentum_survives_a_restart(
+    tmp_path: Path,
+) -> None:
+    import torch
+
+    rng = np.random.default_rng(2)
+    rounds = [rng.normal(size=20) for _ in range(6)]
+    strategy = DiLoCo(0.7, 0.9)
+    g = {"w": np.zeros(20, np.float32)}
+    for i, d in enumerate(rounds):
+        g = aggregate(
+            strategy, g, [d - 1.0, d + 1.0], [UpdateMeta("a", 10, 5, 1.0), UpdateMeta("b", 10, 5, 1.0)]
+        )
+        if i == 2:
+            store = CheckpointStore(tmp_path)
+            store.save(Checkpoint(3, g, [], strategy_state=strategy.state()))
+            strategy = DiLoCo(0.7, 0.9)
+            loaded = store.load()
+            assert loaded is not None
+            strategy.load_state(loaded.strategy_state)
+    # The reference: PyTorch's own SGD(nesterov=True), fed the outer gradient -D each round.
+    w = torch.zeros(20, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.SGD([w], lr=0.7, momentum=0.9, nesterov=True)
+    for d in rounds:
+        w.grad = -torch.from_numpy(d)
+        opt.step()
+    np.testing.assert_allclose(g["w"], w.detach().numpy(), rtol=1e-5, atol=1e-5)
+    # lr 1 without momentum is FedAvg.
+    plain = aggregate(
+        DiLoCo(1.0, 0.0), {"w": np.ones(20, np.float32)}, [rounds[0]], [UpdateMeta("a", 1, 1, 1.0)]
+    )
+    np.testing.assert_allclose(plain["w"], 1.0 + rounds[0].astype(np.float32), rtol=1e-6)
+
+
 def test_the_spec_chooses_the_strategy_and_its_parameters() -> None:
     job = parse_job(job_doc(aggregation={"algorithm": "fedyogi", "serverLearningRate": 0.2, "tau": 0.01}))
     s = make_strategy(job.spec.aggregation, 3)
@@ -99,6 +134,10 @@ def test_the_spec_chooses_the_strategy_and_its_parameters() -> None:
     assert isinstance(make_strategy(parse_job(job_doc()).spec.aggregation, 3), FedAvg)
     scaffold = make_strategy(parse_job(job_doc(aggregation={"algorithm": "scaffold"})).spec.aggregation, 3)
     assert isinstance(scaffold, Scaffold) and scaffold.num_silos == 3
+    diloco = make_strategy(
+        parse_job(job_doc(aggregation={"algorithm": "diloco", "outerLearningRate": 0.5})).spec.aggregation, 3
+    )
+    assert isinstance(diloco, DiLoCo) and (diloco.lr, diloco.momentum) == (0.5, 0.9)
 
 
 def simulate(strategy: Strategy, rounds: int = 1500) -> float:
