@@ -306,29 +306,61 @@ class TopKStageSpec(_Spec):
     )
 
 
+class QuantizeStageSpec(_Spec):
+    bits: Literal[8, 4, 2] = Field(
+        8, description="Bits per value: symmetric integers with stochastic rounding (2 bits: -1, 0, +1)."
+    )
+    block_size: int = Field(128, ge=8, le=65536, description="Values that share one scale.")
+
+
+class ZstdStageSpec(_Spec):
+    level: int = Field(3, ge=1, le=22)
+
+
+class EmptySpec(_Spec):
+    pass
+
+
+# Stages that transform the whole update, then the wire stages that encode its slices.
+UPDATE_STAGES = ("clip", "topk")
+NUMBER_FORMATS = ("quantize", "fp16", "bf16")
+STAGE_KINDS = (*UPDATE_STAGES, *NUMBER_FORMATS, "zstd")
+
+
 class UplinkStageSpec(_Spec):
     """One stage of the silo's uplink chain: exactly one of its fields."""
 
     clip: ClipStageSpec | None = None
     topk: TopKStageSpec | None = None
+    quantize: QuantizeStageSpec | None = None
+    fp16: EmptySpec | None = None
+    bf16: EmptySpec | None = None
+    zstd: ZstdStageSpec | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> UplinkStageSpec:
-        set_ = [k for k in ("clip", "topk") if getattr(self, k) is not None]
+        set_ = [k for k in STAGE_KINDS if getattr(self, k) is not None]
         if len(set_) != 1:
-            raise ValueError(f"each stage names exactly one of clip, topk (got {set_ or 'none'})")
+            raise ValueError(
+                f"each stage names exactly one of {', '.join(STAGE_KINDS)} (got {set_ or 'none'})"
+            )
         return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in STAGE_KINDS if getattr(self, k) is not None)
 
 
 class CompressionSpec(_Spec):
     uplink: list[UplinkStageSpec] = Field(
         default_factory=list,
         max_length=8,
-        description="Stages every silo applies to its whole update, in order, before the codec encodes "
-        "it: clip (bound the L2 norm), topk (send the largest values, keep the rest as error feedback).",
+        description="The silos' uplink, in order: stages on the whole update (clip: bound the L2 norm; "
+        "topk: send the largest values, keep the rest as error feedback), then how its slices are "
+        "encoded (quantize, fp16 or bf16; then zstd). Without an encoding stage, codec and zstd apply.",
     )
-    codec: Codec = "int8"
-    zstd: bool = True
+    codec: Codec = Field("int8", description="The uplink's number format when uplink names none.")
+    zstd: bool = Field(True, description="zstd after codec, when uplink names no encoding.")
     chunk_bytes: int = Field(1 << 20, ge=4096, le=4 << 20, description="Largest chunk payload on the wire.")
 
 
@@ -400,10 +432,26 @@ class JobSpec(_Spec):
         return self
 
     def _uplink_rules(self) -> None:
-        kinds = [("clip" if st.clip is not None else "topk") for st in self.compression.uplink]
+        c = self.compression
+        kinds = [st.kind for st in c.uplink]
         for i, kind in enumerate(kinds):
             if kind in kinds[:i]:
                 raise ValueError(f"compression.uplink[{i}]: {kind} appears twice; each stage at most once")
+            if kind in UPDATE_STAGES and any(k not in UPDATE_STAGES for k in kinds[:i]):
+                raise ValueError(
+                    f"compression.uplink[{i}]: {kind} transforms the whole update; it goes before the "
+                    "encoding stages (quantize, fp16, bf16, zstd)"
+                )
+            if kind in NUMBER_FORMATS and any(k in NUMBER_FORMATS for k in kinds[:i]):
+                raise ValueError(f"compression.uplink[{i}]: {kind}: one number format per chain")
+            if kind == "zstd" and i != len(kinds) - 1:
+                raise ValueError(f"compression.uplink[{i}]: zstd compresses the encoded bytes; it goes last")
+        encodes = any(k not in UPDATE_STAGES for k in kinds)
+        if encodes and ({"codec", "zstd"} & c.model_fields_set):
+            raise ValueError(
+                "compression.codec: the uplink's encoding is set in compression.uplink; leave codec and "
+                "zstd out (they apply only when uplink names no encoding)"
+            )
         r = self.aggregation.robust
         if "topk" in kinds and r is not None and r.rule in ("median", "trimmedMean"):
             raise ValueError(

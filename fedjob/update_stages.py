@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedjob.chunking import State, TensorInfo
-from fedjob.codec import F32
-from fedjob.spec import UplinkStageSpec
+from fedjob.chunking import State, TensorInfo, iter_chunks
+from fedjob.codec import F32, BFloat16, BlockQuantizer, Codec, Float16, Payload, Quantizer, RawFloat32, Zstd
+from fedjob.spec import CompressionSpec, UplinkStageSpec
 
 
 class UpdateRejected(Exception):
@@ -243,6 +243,23 @@ class UplinkPipeline:
         for stage in self.stages:
             stage.apply(update)
 
+    def owe_wire_error(self, update: Update, codec: Codec, chunk_bytes: int, seed: int) -> None:
+        """Error feedback owes what the codec's rounding takes away, too, not only what top-k left.
+
+        Encodes the update exactly as the upload will (same chunks, same seed: the same
+        bytes), decodes it as the aggregator will, and adds the difference to the
+        residual, so over rounds the aggregator receives the whole of every update.
+        """
+        owed = [s for s in self.stages if isinstance(s, TopK) and s.error_feedback]
+        if not owed:
+            return
+        residual = owed[-1].residual
+        for chunk in iter_chunks(update.deltas, codec, chunk_bytes, np.random.default_rng(seed)):
+            received = codec.decode(Payload(chunk.payload, list(chunk.params)), chunk.count)
+            name, lo, hi = chunk.tensor.name, chunk.offset, chunk.offset + chunk.count
+            sent = update.deltas[name].reshape(-1)[lo:hi]
+            residual[name][lo:hi] += sent - received
+
     def checks(self, manifest: Mapping[str, TensorInfo]) -> list[UpdateCheck]:
         """Fresh aggregator halves for one upload of the parameter deltas in `manifest`."""
         return [c for s in self.stages if (c := s.check(manifest)) is not None]
@@ -261,7 +278,7 @@ class UplinkPipeline:
 
 
 def uplink_from_spec(stages: Sequence[UplinkStageSpec]) -> UplinkPipeline:
-    """The chain `spec.compression.uplink` names, in its order."""
+    """The whole-update stages `spec.compression.uplink` names, in its order."""
     out: list[UplinkStage] = []
     for st in stages:
         if st.clip is not None:
@@ -269,3 +286,27 @@ def uplink_from_spec(stages: Sequence[UplinkStageSpec]) -> UplinkPipeline:
         elif st.topk is not None:
             out.append(TopK(st.topk.fraction, st.topk.error_feedback))
     return UplinkPipeline(out)
+
+
+def uplink_codec(compression: CompressionSpec) -> Codec:
+    """How the uplink's slices are encoded: the encoding stages of `uplink`, or `codec` and `zstd`.
+
+    A chain with top-k sends its slices in the sparse layout.
+    """
+    sparse = any(st.topk is not None for st in compression.uplink)
+    wire = [st for st in compression.uplink if st.clip is None and st.topk is None]
+    if not wire:
+        legacy = Codec.from_spec(compression.codec, compression.zstd)
+        return Codec(legacy.quantizer, legacy.byte_stages, sparse)
+    quantizer: Quantizer = RawFloat32()
+    stages: list[Zstd] = []
+    for st in wire:
+        if st.quantize is not None:
+            quantizer = BlockQuantizer(st.quantize.bits, st.quantize.block_size)
+        elif st.fp16 is not None:
+            quantizer = Float16()
+        elif st.bf16 is not None:
+            quantizer = BFloat16()
+        elif st.zstd is not None:
+            stages.append(Zstd(level=st.zstd.level))
+    return Codec(quantizer, stages, sparse)

@@ -31,6 +31,7 @@ from rich.table import Table
 from fedjob.modeling import result_folder
 from fedjob.spec import FederatedJob
 from fedjob.tls import write_job_certs
+from fedjob.update_stages import uplink_codec, uplink_from_spec
 from fedjob.v1 import fedjob_pb2 as pb
 from fedjob.v1 import fedjob_pb2_grpc as pb_grpc
 from fedjob_cli.parent_watch import ENV as PARENT_ENV
@@ -175,8 +176,8 @@ class LocalRun:
         self.console.print(
             f"[bold]fedjob run[/] job [cyan]{self.job.name}[/]: {len(self.workers)} silos, "
             f"{self.job.spec.rounds} rounds, mode {self.job.spec.training.mode}, "
-            f"ZeRO-{self.job.spec.training.deepspeed.zero_stage}, codec {self.job.spec.compression.codec}"
-            f"{'+zstd' if self.job.spec.compression.zstd else ''}; output in {self.out}"
+            f"ZeRO-{self.job.spec.training.deepspeed.zero_stage}, uplink {self._uplink()}; "
+            f"output in {self.out}"
         )
         self.aggregator.start()
         for w in self.workers:
@@ -269,6 +270,12 @@ class LocalRun:
                 f" (x{lr.compression_ratio:.1f}) | {lr.seconds:.1f} s"
             )
         return f"[{time.time() - started:6.1f}s] round {st.round}/{st.total_rounds} {st.phase}{tail}"
+
+    def _uplink(self) -> str:
+        comp = self.job.spec.compression
+        stages = uplink_from_spec(comp.uplink)
+        codec = uplink_codec(comp).name
+        return f"{stages.name} -> {codec}" if stages.stages else codec
 
     def _view(self, st: pb.JobStatus | None, started: float) -> Group:
         if st is None:

@@ -15,16 +15,35 @@ from fedjob.chunking import ChunkRejected, ChunkValidator, assemble, count_chunk
 from fedjob.codec import Codec, CodecError, Payload
 from fedjob.v1 import fedjob_pb2 as pb
 
-CODECS = ["raw", "raw+zstd", "fp16", "fp16+zstd", "bf16", "bf16+zstd", "int8", "int8+zstd"]
+CODECS = [
+    "raw",
+    "raw+zstd",
+    "fp16",
+    "fp16+zstd",
+    "bf16",
+    "bf16+zstd",
+    "int8",
+    "int8+zstd",
+    "q8.128",
+    "q4.64+zstd",
+    "q2.128+zstd",
+    "sparse+raw",
+    "sparse+int8+zstd",
+    "sparse+q4.32+zstd",
+    "sparse+q2.128",
+]
+LEVELS = {"q8": 127, "q4": 7, "q2": 1}
 finite_f32 = st.floats(-1e4, 1e4, allow_nan=False, allow_infinity=False, width=32)
 tensors = hnp.arrays(np.float32, hnp.array_shapes(min_dims=1, max_dims=3, max_side=40), elements=finite_f32)
 
 
 def error_bound(codec: str, values: np.ndarray) -> float:
+    """At most one rounding step of the coarsest block (a block's scale is its peak / levels)."""
     peak = float(np.max(np.abs(values))) if values.size else 0.0
-    return {"raw": 0.0, "fp16": peak * 2**-10 + 1e-7, "bf16": peak * 2**-7, "int8": peak / 127 + 1e-7}[
-        codec.split("+")[0]
-    ]
+    number = codec.removeprefix("sparse+").split("+")[0]
+    if number.startswith("q"):
+        return peak / LEVELS[number.split(".")[0]] * (1 + 2**-7) + 1e-30
+    return {"raw": 0.0, "fp16": peak * 2**-10 + 1e-7, "bf16": peak * 2**-7, "int8": peak / 127 + 1e-7}[number]
 
 
 @settings(max_examples=60, deadline=None)
@@ -35,6 +54,68 @@ def test_every_codec_round_trips_within_its_error_bound(values: np.ndarray, name
     decoded = codec.decode(codec.encode(flat, np.random.default_rng(1)), flat.size)
     assert decoded.dtype == np.float32 and decoded.shape == flat.shape
     assert np.all(np.abs(decoded - flat) <= error_bound(name, flat) * 1.0001)
+
+
+@pytest.mark.parametrize("name", ["q8.128", "q4.128", "q2.128"])
+def test_block_quantizers_round_stochastically_and_without_bias(name: str) -> None:
+    codec = Codec.from_name(name)
+    values = np.full(128 * 200, 0.3, dtype=np.float32)
+    values[::128] = 1.0  # sets each block's scale: 0.3 falls between two levels
+    decoded = codec.decode(codec.encode(values, np.random.default_rng(0)), values.size)
+    rest = np.delete(decoded, np.s_[::128])
+    # Each value lands on one of the two levels around it, in proportion: unbiased.
+    assert len(np.unique(rest)) == 2 and rest.min() < 0.3 < rest.max()
+    assert abs(float(rest.mean()) - 0.3) < 0.01  # and 0.3 on average
+    bits = int(name[1])
+    assert len(codec.encode(values, np.random.default_rng(0)).data) == 2 * 200 + values.size * bits // 8
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    size=st.integers(1, 5000),
+    density=st.floats(0.0, 1.0),
+    name=st.sampled_from(["sparse+raw", "sparse+q4.32", "sparse+int8+zstd"]),
+)
+def test_the_sparse_layout_keeps_every_position_and_is_never_much_larger_than_dense(
+    size: int, density: float, name: str
+) -> None:
+    rng = np.random.default_rng(size)
+    values = rng.normal(size=size).astype(np.float32)
+    values[rng.random(size) >= density] = 0.0
+    codec = Codec.from_name(name)
+    payload = codec.encode(values, np.random.default_rng(0))
+    decoded = codec.decode(payload, size)
+    assert (decoded[values == 0] == 0).all()  # a zero stays exactly zero
+    if name == "sparse+raw":
+        np.testing.assert_array_equal(decoded, values)
+    dense = Codec.from_name(name.removeprefix("sparse+"))
+    if not dense.byte_stages:
+        assert len(payload.data) <= len(dense.encode(values, np.random.default_rng(0)).data) + 1
+
+
+def sparse_payload(positions: list[int], nnz: int | None = None, width: int = 2) -> Payload:
+    """A hand-built sparse+raw slice: gaps between the given positions, then one float each."""
+    gaps = np.diff(np.asarray(positions), prepend=0).astype(f"<u{width}")
+    count = len(positions) if nnz is None else nnz
+    head = b"\x01" + count.to_bytes(4, "little") + bytes([width])
+    return Payload(head + gaps.tobytes() + np.ones(len(positions), "<f4").tobytes())
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (sparse_payload([3, 7, 100]), "index 100 out of range for a slice of 50"),
+        (sparse_payload([3, 7, 7]), "a position repeats (duplicate index)"),
+        (sparse_payload([3, 7], nnz=3), "sparse: 18 bytes, 3 values of raw need 24"),
+        (sparse_payload([3, 7], nnz=60), "60 values announced in a slice of 50"),
+        (Payload(b"\x02"), "the first byte must be 0 (dense) or 1 (sparse)"),
+        (Payload(b"\x01" + (1).to_bytes(4, "little") + b"\x03" + b"\x00" * 7), "gap width 3"),
+    ],
+)
+def test_a_malformed_sparse_slice_is_refused_with_what_is_wrong(payload: Payload, message: str) -> None:
+    with pytest.raises(CodecError, match=None) as info:
+        Codec.from_name("sparse+raw").decode(payload, 50)
+    assert message in str(info.value)
 
 
 def test_int8_stochastic_rounding_is_unbiased() -> None:

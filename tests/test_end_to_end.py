@@ -165,7 +165,9 @@ def two_silo_spec(assets: Path, training: dict[str, Any], **spec: Any) -> dict[s
     }
 
 
-@pytest.mark.parametrize("algorithm", ["fedprox", "scaffold", "fednova", "fedadam", "fedyogi", "fedadagrad"])
+@pytest.mark.parametrize(
+    "algorithm", ["fedprox", "scaffold", "fednova", "fedadam", "fedyogi", "fedadagrad", "diloco"]
+)
 def test_other_strategies_train_for_real(assets: Path, tmp_path: Path, algorithm: str) -> None:
     spec = two_silo_spec(
         assets,
@@ -192,6 +194,8 @@ def test_other_strategies_train_for_real(assets: Path, tmp_path: Path, algorithm
         assert all(np.abs(final[k]).max() > 0 for k in final.files if k.startswith("__strategy__/"))
     else:
         assert not kept
+    if algorithm == "diloco":  # its outer momentum is in the checkpoint, for a restart to resume
+        assert any(k.startswith("__strategy__/b/") for k in final.files)
 
 
 @pytest.mark.parametrize("mode", ["prefix", "prompt", "adapter"])

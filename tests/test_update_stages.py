@@ -10,6 +10,7 @@ restart exactly as it was.
 from __future__ import annotations
 
 import math
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,15 @@ from fedjob.chunking import ChunkValidator, State, assemble, iter_chunks, manife
 from fedjob.codec import Codec
 from fedjob.spec import SpecError, parse_job
 from fedjob.stage_state import StageStateStore, StatefulUplink
-from fedjob.update_stages import ClipNorm, TopK, Update, UplinkPipeline, topk_count, uplink_from_spec
+from fedjob.update_stages import (
+    ClipNorm,
+    TopK,
+    Update,
+    UplinkPipeline,
+    topk_count,
+    uplink_codec,
+    uplink_from_spec,
+)
 from fedjob.v1 import fedjob_pb2 as pb
 from tests.conftest import job_doc, serve_live
 from tests.test_aggregator_protocol import header, messages, wait_for_round_close
@@ -115,6 +124,23 @@ def test_a_chain_round_trips_through_the_wire_codec() -> None:
                 np.testing.assert_allclose(got[k], v, atol=peak / 127 + 1e-7)
 
 
+def test_error_feedback_owes_what_the_codecs_rounding_took_too() -> None:
+    codec = Codec.from_name("sparse+q2.64+zstd")
+    stage = TopK(0.1)
+    pipeline = UplinkPipeline([stage])
+    d = deltas(5)
+    u = Update(1, copy(d))
+    pipeline.apply(u)
+    pipeline.owe_wire_error(u, codec, 4096, seed=7)
+    # What the aggregator decodes from the very bytes the upload will send (same seed) ...
+    chunks = list(iter_chunks(u.deltas, codec, 4096, np.random.default_rng(7)))
+    received = assemble(iter(chunks), ChunkValidator(manifest_of(u.deltas), codec, 4096))
+    for k in d:
+        # ... plus what the silo still owes is exactly the round's update: nothing lost, nothing twice.
+        np.testing.assert_allclose(received[k].reshape(-1) + stage.residual[k], d[k].reshape(-1), atol=1e-6)
+        assert not np.array_equal(received[k], u.deltas[k])  # 2 bits did round
+
+
 # ----- state: committed, rolled back, restored ----------------------------------------------------
 
 
@@ -172,17 +198,47 @@ def test_state_saved_by_another_chain_is_not_loaded(tmp_path: Path) -> None:
 
 
 def test_the_spec_composes_the_chain_in_its_order() -> None:
-    job = parse_job(job_doc(compression={"uplink": [{"clip": {"maxNorm": 2}}, {"topk": {"fraction": 0.01}}]}))
-    pipeline = uplink_from_spec(job.spec.compression.uplink)
-    assert pipeline.name == "clip(maxNorm=2) -> topk(fraction=0.01)" and pipeline.stateful
-    assert uplink_from_spec(parse_job(job_doc()).spec.compression.uplink).stages == []
+    def built(uplink: list[dict[str, Any]], **compression: Any) -> tuple[str, str]:
+        job = parse_job(job_doc(compression={"uplink": uplink, **compression}))
+        return uplink_from_spec(job.spec.compression.uplink).name, uplink_codec(job.spec.compression).name
+
+    clip_topk = [{"clip": {"maxNorm": 2}}, {"topk": {"fraction": 0.01}}]
+    assert built(clip_topk) == ("clip(maxNorm=2) -> topk(fraction=0.01)", "sparse+int8+zstd")
+    assert (
+        built([*clip_topk, {"quantize": {"bits": 2, "blockSize": 64}}, {"zstd": {}}])[1]
+        == "sparse+q2.64+zstd"
+    )
+    assert built([{"quantize": {"bits": 4}}]) == ("none", "q4.128")
+    assert built([{"bf16": {}}, {"zstd": {"level": 9}}]) == ("none", "bf16+zstd")
+    assert built([{"zstd": {}}]) == ("none", "raw+zstd")
+    assert built([], codec="fp16", zstd=False) == ("none", "fp16")
+    assert uplink_from_spec(parse_job(job_doc()).spec.compression.uplink).stateful is False
+
+
+def test_an_uplink_encoding_and_the_codec_field_are_not_both_set() -> None:
+    doc = job_doc(compression={"codec": "fp16", "uplink": [{"quantize": {"bits": 4}}]})
+    with pytest.raises(SpecError) as info:
+        parse_job(doc)
+    assert "compression.codec: the uplink's encoding is set in compression.uplink" in str(info.value)
 
 
 @pytest.mark.parametrize(
     ("uplink", "aggregation", "message"),
     [
-        ([{}], {}, "spec.compression.uplink[0]: each stage names exactly one of clip, topk"),
+        ([{}], {}, "spec.compression.uplink[0]: each stage names exactly one of clip, topk, quantize"),
         ([{"clip": {"maxNorm": 1}, "topk": {"fraction": 0.1}}], {}, "exactly one of clip, topk"),
+        ([{"quantize": {"bits": 3}}], {}, "spec.compression.uplink[0].quantize.bits"),
+        (
+            [{"zstd": {}}, {"quantize": {}}],
+            {},
+            "compression.uplink[0]: zstd compresses the encoded bytes; it goes last",
+        ),
+        (
+            [{"quantize": {}}, {"topk": {"fraction": 0.1}}],
+            {},
+            "compression.uplink[1]: topk transforms the whole update",
+        ),
+        ([{"quantize": {}}, {"fp16": {}}], {}, "compression.uplink[1]: fp16: one number format per chain"),
         ([{"clip": {"maxNorm": 0}}], {}, "spec.compression.uplink[0].clip.maxNorm"),
         ([{"topk": {"fraction": 1.5}}], {}, "spec.compression.uplink[0].topk.fraction"),
         ([{"clip": {"maxNorm": 1}}, {"clip": {"maxNorm": 2}}], {}, "clip appears twice"),
@@ -256,14 +312,68 @@ def test_a_denser_update_than_the_jobs_topk_is_refused_while_it_streams(
     with serve_live(tmp_path, job, small_state) as agg:
         stub = agg.stub("silo-alpha")
         stub.Join(pb.JoinRequest(expected_silo="alpha"))
+        assert agg.coord.codec.name == "sparse+int8+zstd"  # a chain with top-k sends sparse slices
+
+        def upload(delta: State) -> pb.UploadReceipt:
+            chunks = list(iter_chunks(delta, agg.coord.codec, 4096, np.random.default_rng(0)))
+            hdr = header(agg, total_chunks=len(chunks))
+            receipt: pb.UploadReceipt = stub.UploadUpdate(messages(agg, delta, hdr=hdr, chunks=chunks))
+            return receipt
+
         dense = {k: np.full(v.shape, 0.5, np.float32) for k, v in small_state.items()}
         with pytest.raises(grpc.RpcError) as info:
-            stub.UploadUpdate(messages(agg, dense))
+            upload(dense)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert info.value.details().startswith("too_dense: layer.lora_A: more than 120 non-zero values")
         assert agg.metrics.rejections_by_reason.labels("demo", "too_dense")._value.get() == 1
         # The same silo's honest, sparsified update counts.
         u = Update(1, dense)
         uplink_from_spec(job.spec.compression.uplink).apply(u)
-        assert stub.UploadUpdate(messages(agg, u.deltas)).accepted
+        assert upload(u.deltas).accepted
+        wait_for_round_close(agg)
+
+
+def test_a_malformed_sparse_chunk_gets_invalid_argument_and_the_round_goes_on(
+    tmp_path: Path, small_state: State
+) -> None:
+    job = parse_job(
+        job_doc(
+            compression={
+                "chunkBytes": 4096,
+                "uplink": [{"topk": {"fraction": 0.1}}, {"quantize": {"bits": 4}}],
+            },
+            aggregation={"minSilos": 1, "roundDeadlineSeconds": 600},
+            silos=[{"name": "alpha", "data": {"path": "/d"}}],
+        )
+    )
+    with serve_live(tmp_path, job, small_state) as agg:
+        codec = agg.coord.codec
+        assert codec.name == "sparse+q4.128"
+        stub = agg.stub("silo-alpha")
+        stub.Join(pb.JoinRequest(expected_silo="alpha"))
+        u = Update(1, {k: np.full(v.shape, 0.5, np.float32) for k, v in small_state.items()})
+        uplink_from_spec(job.spec.compression.uplink).apply(u)
+        good = list(iter_chunks(u.deltas, codec, 4096, np.random.default_rng(0)))
+        first = good[0].payload
+        assert first[0] == 1  # the sparse layout: flag, nnz, gap width, gaps, values
+        nnz, w = int.from_bytes(first[1:5], "little"), first[5]
+        forged = {
+            "index out of range": first[:6] + b"\xff" * w + first[6 + w :],
+            "duplicate index": first[: 6 + w] + b"\x00" * w + first[6 + 2 * w :],
+            "count mismatch": first[:1] + (nnz + 1).to_bytes(4, "little") + first[5:],
+        }
+        for what, payload in forged.items():
+            bad = pb.Chunk()
+            bad.CopyFrom(good[0])
+            bad.payload, bad.crc32 = payload, zlib.crc32(payload)
+            hdr = header(agg, total_chunks=len(good))
+            with pytest.raises(grpc.RpcError) as info:
+                stub.UploadUpdate(messages(agg, u.deltas, hdr=hdr, chunks=[bad, *good[1:]]))
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, what
+            assert info.value.details().startswith("malformed: layer.lora_A: sparse:"), (
+                what,
+                info.value.details(),
+            )
+        hdr = header(agg, total_chunks=len(good))
+        assert stub.UploadUpdate(messages(agg, u.deltas, hdr=hdr, chunks=good)).accepted
         wait_for_round_close(agg)

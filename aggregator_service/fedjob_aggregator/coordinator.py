@@ -34,7 +34,7 @@ from fedjob.chunking import State, TensorInfo, count_chunks, iter_chunks, manife
 from fedjob.codec import DOWNLOAD_CODEC, Codec
 from fedjob.robust import CoordinateSample
 from fedjob.spec import FederatedJob
-from fedjob.update_stages import uplink_from_spec
+from fedjob.update_stages import uplink_codec, uplink_from_spec
 from fedjob.v1 import fedjob_pb2 as pb
 from fedjob_aggregator.claims import Claims
 from fedjob_aggregator.recorder import RoundRecorder, evaluation_fields
@@ -72,7 +72,7 @@ class Coordinator:
         self.manifest = dict(manifest)
         # What an update carries: the parameter deltas, then any tensors the strategy adds.
         self.upload_manifest = {**self.manifest, **strategy.upload_extras_manifest(self.manifest)}
-        self.codec = Codec.from_spec(job.spec.compression.codec, job.spec.compression.zstd)
+        self.codec = uplink_codec(job.spec.compression)
         self.download_codec = Codec.from_name(DOWNLOAD_CODEC)
         self.chunk_bytes = job.spec.compression.chunk_bytes
         self.evaluate = evaluate

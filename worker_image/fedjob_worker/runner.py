@@ -23,7 +23,7 @@ from fedjob.spec import FederatedJob
 from fedjob.stage_state import StageStateStore, StatefulUplink
 from fedjob.strategies import make_strategy
 from fedjob.tls import CertFiles
-from fedjob.update_stages import Update, uplink_from_spec
+from fedjob.update_stages import Update, uplink_codec, uplink_from_spec
 from fedjob.v1 import fedjob_pb2 as pb
 
 log = logging.getLogger("fedjob.worker")
@@ -149,7 +149,7 @@ def _rank_main(job: FederatedJob, opts: WorkerOptions, rank: int, world: int, po
     init_distributed(rank, world, port)
     trainer = LocalTrainer(job, opts.silo, rank, world)
     comp = job.spec.compression
-    codec = Codec.from_spec(comp.codec, comp.zstd)
+    codec = uplink_codec(comp)
     download_codec = Codec.from_name(DOWNLOAD_CODEC)
     manifest = trainer.manifest()  # loads the model and builds the engine, once for the whole job
     # Tensors the job's algorithm adds to the stream (SCAFFOLD's control variates).
@@ -256,6 +256,9 @@ def _rank_main(job: FederatedJob, opts: WorkerOptions, rank: int, world: int, po
                 deltas[n] -= g
             update = Update(round_number, deltas, dict(result.extras))
             uplink.apply(update)
+            # The upload encodes with this seed; error feedback sees the very same encoding.
+            seed = zlib.crc32(f"{job.spec.training.seed}/{round_number}/{opts.silo}".encode())
+            uplink.pipeline.owe_wire_error(update, codec, comp.chunk_bytes, seed)
             delta = {**update.deltas, **update.extras}
             try:
                 sent = client.upload(
@@ -263,7 +266,7 @@ def _rank_main(job: FederatedJob, opts: WorkerOptions, rank: int, world: int, po
                     delta,
                     codec,
                     comp.chunk_bytes,
-                    seed=zlib.crc32(f"{job.spec.training.seed}/{round_number}/{opts.silo}".encode()),
+                    seed=seed,
                     num_samples=trainer.num_samples,
                     local_steps=result.steps,
                     train_loss=result.train_loss,
