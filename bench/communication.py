@@ -1,0 +1,140 @@
+"""Bytes on the wire against learning: each uplink chain against the fp32 sync, same rounds, same split.
+
+The learning-quality set-up (bench/learning_quality.py: a byte-level GPT-2 fine-tuned in
+full by 4 silos on a strongly non-IID split of three sources, alpha 0.1), run as a real
+`fedjob run` once per uplink chain and aggregation algorithm. The baseline is measured in
+the same run: the fp32 sync (no stages, raw float32). For each chain the table gives the
+bytes each silo sent and received per round, their ratio to fp32, the final eval loss
+(aggregator-side, on the held-out tails of the three sources) and its ratio to the fp32
+sync's with the same algorithm.
+
+    .venv/bin/python bench/communication.py                      # FedAvg and DiLoCo, every chain
+    .venv/bin/python bench/communication.py --algorithms fedavg --chains fp32,topk2-q2
+
+The download is not compressed yet (raw float32 of the global model every round), so
+the down column is the same for every chain: issue 12's compressed downlink is not built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from learning_quality import job_document, model_and_sources, run_job, steps_per_silo  # noqa: E402
+
+from fedjob.split import split_sources  # noqa: E402
+
+# name: (uplink stages, legacy codec fields when the chain names no encoding)
+CHAINS: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]] = {
+    "fp32": ([], {"codec": "none", "zstd": False}),
+    "int8+zstd": ([], {"codec": "int8", "zstd": True}),
+    "q4+zstd": ([{"quantize": {"bits": 4}}, {"zstd": {}}], {}),
+    "topk10-q4": ([{"topk": {"fraction": 0.1}}, {"quantize": {"bits": 4}}, {"zstd": {}}], {}),
+    "topk5-q2": ([{"topk": {"fraction": 0.05}}, {"quantize": {"bits": 2}}, {"zstd": {}}], {}),
+    "topk2-q2": ([{"topk": {"fraction": 0.02}}, {"quantize": {"bits": 2}}, {"zstd": {}}], {}),
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--chains", default=",".join(CHAINS))
+    p.add_argument("--algorithms", default="fedavg,diloco")
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--silos", type=int, default=4)
+    p.add_argument("--steps-per-round", type=int, default=40)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    p.add_argument("--alpha", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--source-bytes", type=int, default=150_000)
+    p.add_argument("--eval-batches", type=int, default=16)
+    p.add_argument("--pretrain-steps", type=int, default=300)
+    p.add_argument("--outer-lr", type=float, default=0.7)
+    p.add_argument("--outer-momentum", type=float, default=0.9)
+    p.add_argument("--work", type=Path, default=Path.home() / ".cache" / "fedjob" / "bench-learning-quality")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "communication")
+    p.add_argument("--fresh", action="store_true")
+    args = p.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    sources = model_and_sources(args.work, args.seed, args.source_bytes, args.pretrain_steps)
+    tag = f"alpha{args.alpha}" + (f"-seed{args.seed}" if args.seed else "")
+    folder = args.work / f"split-{tag}"
+    summary = split_sources(sources, args.silos, folder, alpha=args.alpha, seed=args.seed)
+    steps = steps_per_silo([sum(summary.bytes[s].values()) for s in summary.silos], args.steps_per_round)
+    silos = [
+        {"name": s, "data": {"path": str(folder / s)}, "localSteps": k}
+        for s, k in zip(summary.silos, steps, strict=True)
+    ]
+    print(f"alpha {args.alpha}, seed {args.seed}: local steps per round {steps}", flush=True)
+
+    rows: list[dict[str, Any]] = []
+    for algorithm in args.algorithms.split(","):
+        agg: dict[str, Any] = {"algorithm": algorithm}
+        if algorithm == "diloco":
+            agg.update(outerLearningRate=args.outer_lr, outerMomentum=args.outer_momentum)
+        for chain in args.chains.split(","):
+            uplink, legacy = CHAINS[chain]
+            doc = job_document(args, f"comm-{algorithm}", silos, args.rounds, args.seed, **agg)
+            doc["spec"]["compression"] = {**legacy, **({"uplink": uplink} if uplink else {})}
+            history = run_job(args, doc, f"comm-{algorithm}-{chain}-{tag}")
+            rows.append(measure(algorithm, chain, history))
+
+    table = render(rows)
+    print("\n" + table)
+    setup = (
+        f"{args.rounds} rounds, {args.silos} silos (alpha {args.alpha}, seed {args.seed}; local steps "
+        f"{', '.join(map(str, steps))}), full fine-tuning of the learning-quality GPT-2, {args.optimizer} lr "
+        f"{args.lr}, diloco outer lr {args.outer_lr} momentum {args.outer_momentum}; bytes are payload bytes "
+        "per silo per round (chunk headers excluded), averaged over rounds"
+    )
+    (args.out / "table.md").write_text(table + "\n\n" + setup + "\n")
+    (args.out / "results.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=1))
+    print(f"\n{setup}\nwrote {args.out / 'table.md'}")
+
+
+def measure(algorithm: str, chain: str, history: list[dict[str, Any]]) -> dict[str, Any]:
+    up = sum(r["bytes_up"] / r["num_participants"] for r in history) / len(history)
+    down = sum(r["bytes_down"] / r["num_participants"] for r in history) / len(history)
+    raw = sum(r["bytes_up"] * (r["compression_ratio"] or 1.0) / r["num_participants"] for r in history)
+    return {
+        "algorithm": algorithm,
+        "chain": chain,
+        "bytes_up": up,
+        "bytes_down": down,
+        "raw_up": raw / len(history),
+        "eval_loss": history[-1]["eval_loss"],
+        "eval_curve": [r["eval_loss"] for r in history],
+    }
+
+
+def render(rows: list[dict[str, Any]]) -> str:
+    head = (
+        "| algorithm | uplink chain | up KB/silo/round | up vs fp32 | down KB/silo/round | down vs fp32 "
+        "| final eval loss | vs fp32 sync |"
+    )
+    out = [head, "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        base = next((b for b in rows if b["algorithm"] == r["algorithm"] and b["chain"] == "fp32"), None)
+        up_ratio = r["raw_up"] / r["bytes_up"]
+        down_ratio = base["bytes_down"] / r["bytes_down"] if base else float("nan")
+        loss_ratio = r["eval_loss"] / base["eval_loss"] if base else float("nan")
+        out.append(
+            f"| {r['algorithm']} | {r['chain']} | {r['bytes_up'] / 1e3:,.1f} | {up_ratio:.1f}x "
+            f"| {r['bytes_down'] / 1e3:,.1f} | {down_ratio:.1f}x | {r['eval_loss']:.4f} | {loss_ratio:.4f} |"
+        )
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    main()
