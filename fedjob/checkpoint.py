@@ -28,9 +28,11 @@ class Checkpoint:
     history: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     strategy_state: State = field(default_factory=dict)  # e.g. server optimiser moments
+    broadcast: State = field(default_factory=dict)  # the compressed downlink's copy (silos hold it too)
 
 
 STRATEGY_PREFIX = "__strategy__/"
+BROADCAST_PREFIX = "__broadcast__/"
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -63,7 +65,11 @@ class CheckpointStore:
         name = f"global-{ckpt.round:06d}.npz"
         tmp = self.dir / f".{name}.tmp-{os.getpid()}"
         with open(tmp, "wb") as f:
-            arrays = {**ckpt.state, **{STRATEGY_PREFIX + k: v for k, v in ckpt.strategy_state.items()}}
+            arrays = {
+                **ckpt.state,
+                **{STRATEGY_PREFIX + k: v for k, v in ckpt.strategy_state.items()},
+                **{BROADCAST_PREFIX + k: v for k, v in ckpt.broadcast.items()},
+            }
             np.savez(f, **arrays)  # type: ignore[arg-type]
             f.flush()
             os.fsync(f.fileno())
@@ -75,9 +81,9 @@ class CheckpointStore:
             old.unlink(missing_ok=True)
 
     def update_index(self, history: list[dict[str, Any]], extra: dict[str, Any]) -> None:
-        """Rewrite the history and extras of the current checkpoint, keeping its state file."""
+        """Rewrite the history and add to the extras of the current checkpoint, keeping its state file."""
         index = json.loads(self.index.read_text())
-        index.update(history=history, extra=extra)
+        index.update(history=history, extra={**index.get("extra", {}), **extra})
         atomic_write(self.index, json.dumps(index, indent=1).encode())
 
     def load(self) -> Checkpoint | None:
@@ -87,10 +93,18 @@ class CheckpointStore:
         with np.load(self.dir / index["file"]) as z:
             # One array at a time, never a second copy (astype(copy=False) keeps float32 as read).
             arrays = {k: z[k].astype(np.float32, copy=False) for k in z.files}
-        state = {k: v for k, v in arrays.items() if not k.startswith(STRATEGY_PREFIX)}
+        state = {k: v for k, v in arrays.items() if not k.startswith((STRATEGY_PREFIX, BROADCAST_PREFIX))}
         strategy = {k[len(STRATEGY_PREFIX) :]: v for k, v in arrays.items() if k.startswith(STRATEGY_PREFIX)}
+        broadcast = {
+            k[len(BROADCAST_PREFIX) :]: v for k, v in arrays.items() if k.startswith(BROADCAST_PREFIX)
+        }
         return Checkpoint(
-            int(index["round"]), state, list(index["history"]), dict(index.get("extra", {})), strategy
+            int(index["round"]),
+            state,
+            list(index["history"]),
+            dict(index.get("extra", {})),
+            strategy,
+            broadcast,
         )
 
 

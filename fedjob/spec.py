@@ -359,6 +359,13 @@ class CompressionSpec(_Spec):
         "topk: send the largest values, keep the rest as error feedback), then how its slices are "
         "encoded (quantize, fp16 or bf16; then zstd). Without an encoding stage, codec and zstd apply.",
     )
+    downlink: list[UplinkStageSpec] = Field(
+        default_factory=list,
+        max_length=8,
+        description="Compress the global model's download: silos keep a copy and receive its change each "
+        "round through these stages (topk, then quantize, fp16 or bf16, then zstd); what they leave "
+        "out is sent in later rounds. Empty: the whole model as raw float32 every round.",
+    )
     codec: Codec = Field("int8", description="The uplink's number format when uplink names none.")
     zstd: bool = Field(True, description="zstd after codec, when uplink names no encoding.")
     chunk_bytes: int = Field(1 << 20, ge=4096, le=4 << 20, description="Largest chunk payload on the wire.")
@@ -446,6 +453,7 @@ class JobSpec(_Spec):
                 raise ValueError(f"compression.uplink[{i}]: {kind}: one number format per chain")
             if kind == "zstd" and i != len(kinds) - 1:
                 raise ValueError(f"compression.uplink[{i}]: zstd compresses the encoded bytes; it goes last")
+        self._downlink_rules()
         encodes = any(k not in UPDATE_STAGES for k in kinds)
         if encodes and ({"codec", "zstd"} & c.model_fields_set):
             raise ValueError(
@@ -458,6 +466,26 @@ class JobSpec(_Spec):
                 f"compression.uplink: topk cannot combine with aggregation.robust.rule {r.rule} (each "
                 "silo sends a different few coordinates, so the coordinate-wise rule sees mostly zeros "
                 "and the model barely moves); use multiKrum or normBound"
+            )
+
+    def _downlink_rules(self) -> None:
+        kinds = [st.kind for st in self.compression.downlink]
+        for i, kind in enumerate(kinds):
+            where = f"compression.downlink[{i}]"
+            if kind == "clip":
+                raise ValueError(f"{where}: clip bounds a silo's update; the downlink sends the global model")
+            if kind in kinds[:i]:
+                raise ValueError(f"{where}: {kind} appears twice; each stage at most once")
+            if kind == "topk" and i != 0:
+                raise ValueError(f"{where}: topk selects from the whole change; it goes first")
+            if kind in NUMBER_FORMATS and any(k in NUMBER_FORMATS for k in kinds[:i]):
+                raise ValueError(f"{where}: {kind}: one number format per chain")
+            if kind == "zstd" and i != len(kinds) - 1:
+                raise ValueError(f"{where}: zstd compresses the encoded bytes; it goes last")
+        if kinds and self.aggregation.algorithm == "scaffold":
+            raise ValueError(
+                "compression.downlink: scaffold sends each silo its own control variates with the model; "
+                "a compressed downlink carries the shared model only"
             )
 
     def _aggregation_rules(self) -> None:

@@ -293,13 +293,20 @@ def uplink_codec(compression: CompressionSpec) -> Codec:
 
     A chain with top-k sends its slices in the sparse layout.
     """
-    sparse = any(st.topk is not None for st in compression.uplink)
     wire = [st for st in compression.uplink if st.clip is None and st.topk is None]
     if not wire:
+        sparse = any(st.topk is not None for st in compression.uplink)
         legacy = Codec.from_spec(compression.codec, compression.zstd)
         return Codec(legacy.quantizer, legacy.byte_stages, sparse)
+    return chain_codec(compression.uplink)
+
+
+def chain_codec(stages: Sequence[UplinkStageSpec]) -> Codec:
+    """The encoding a chain's stages name: sparse after top-k, its number format (raw if none), zstd."""
+    sparse = any(st.topk is not None for st in stages)
+    wire = [st for st in stages if st.clip is None and st.topk is None]
     quantizer: Quantizer = RawFloat32()
-    stages: list[Zstd] = []
+    byte_stages: list[Zstd] = []
     for st in wire:
         if st.quantize is not None:
             quantizer = BlockQuantizer(st.quantize.bits, st.quantize.block_size)
@@ -308,5 +315,5 @@ def uplink_codec(compression: CompressionSpec) -> Codec:
         elif st.bf16 is not None:
             quantizer = BFloat16()
         elif st.zstd is not None:
-            stages.append(Zstd(level=st.zstd.level))
-    return Codec(quantizer, stages, sparse)
+            byte_stages.append(Zstd(level=st.zstd.level))
+    return Codec(quantizer, byte_stages, sparse)

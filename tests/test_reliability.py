@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import os
 import random
 import signal
@@ -215,8 +216,12 @@ def test_a_silo_killed_mid_round_is_left_out_and_rejoins_a_later_round(assets: P
         # Enough rounds after the kill for the 10 s restart back-off and two rounds left out.
         rounds=7,
         aggregation={"minSilos": 3, "roundDeadlineSeconds": 8},
-        # A stateful uplink: top-k's error-feedback residual must survive the kill.
-        compression={"uplink": [{"clip": {"maxNorm": 5}}, {"topk": {"fraction": 0.2}}]},
+        # A stateful uplink: top-k's error-feedback residual must survive the kill; a compressed
+        # downlink: the restarted silo lost its global copy and must get the whole one again.
+        compression={
+            "uplink": [{"clip": {"maxNorm": 5}}, {"topk": {"fraction": 0.2}}],
+            "downlink": [{"topk": {"fraction": 0.25}}, {"quantize": {"bits": 8}}, {"zstd": {}}],
+        },
     )
     out = tmp_path / "out"
     state_index = out / "silos" / "unicode" / "uplink-state.json"
@@ -244,6 +249,8 @@ def test_a_silo_killed_mid_round_is_left_out_and_rejoins_a_later_round(assets: P
     silo_log = (out / "logs" / "silo-unicode.log").read_text()
     assert f"(state restored from round {committed})" in silo_log, silo_log[-3000:]
     assert json.loads(state_index.read_text())["round"] == 7
+    copies = re.findall(r"global copy r\d+-\w+ \((\w+)\)", silo_log)
+    assert copies.count("whole") == 2 and copies[1] == "changes", copies  # at the start, after the kill
 
 
 @pytest.mark.slow

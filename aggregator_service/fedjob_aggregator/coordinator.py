@@ -32,10 +32,12 @@ from fedjob.aggregation import Strategy, UpdateMeta
 from fedjob.checkpoint import Checkpoint, CheckpointStore, CheckpointWriter
 from fedjob.chunking import State, TensorInfo, count_chunks, iter_chunks, manifest_of
 from fedjob.codec import DOWNLOAD_CODEC, Codec
+from fedjob.downlink import downlink_encoder
 from fedjob.robust import CoordinateSample
 from fedjob.spec import FederatedJob
 from fedjob.update_stages import uplink_codec, uplink_from_spec
 from fedjob.v1 import fedjob_pb2 as pb
+from fedjob_aggregator.broadcast import Broadcast
 from fedjob_aggregator.claims import Claims
 from fedjob_aggregator.recorder import RoundRecorder, evaluation_fields
 from fedjob_aggregator.round_aggregators import CollectingAggregator, RoundAggregator, StreamingAggregator
@@ -130,6 +132,14 @@ class Coordinator:
         self.generation = 0
         self._spare: State | None = None  # the previous global's buffers, for the next sum
         self.strategy.load_state(ckpt.strategy_state)
+        # The compressed downlink's copy: what the silos hold (from the checkpoint, or the model).
+        self.broadcast: Broadcast | None = None
+        encoder = downlink_encoder(job.spec.compression)
+        if encoder is not None:
+            resumed = bool(ckpt.broadcast) and manifest_of(ckpt.broadcast) == self.manifest
+            copy = ckpt.broadcast if resumed else {n: v.copy() for n, v in self.global_state.items()}
+            broadcast_id = str(ckpt.extra["broadcast_id"]) if resumed else None
+            self.broadcast = Broadcast(encoder, workdir / "downlink", copy, broadcast_id)
         self.recorder = RoundRecorder(workdir / "metrics.jsonl", ckpt.history)
         self.final_evaluation_done = bool(ckpt.extra.get("final_evaluation_done", False))
         del ckpt
@@ -215,6 +225,9 @@ class Coordinator:
         """Called with the lock held; releases it for the slow parts."""
         close_started = time.time()
         rnd.closing = True
+        if self.broadcast is not None:
+            # Whole-copy downloads stream from the broadcast copy, which this close changes in place.
+            self.generation += 1
         if rnd.evaluation_only:
             self._close_final_evaluation(rnd)
             return
@@ -250,6 +263,7 @@ class Coordinator:
                 scores = rnd.aggregator.scores(self.strategy)
             finally:
                 rnd.aggregator.close()
+            change = self.broadcast.advance(new_state, rnd.number) if self.broadcast is not None else None
             eval_loss = self.evaluate(new_state) if self.evaluate else math.nan
             if last and self.finalize:
                 self.finalize(new_state)
@@ -270,6 +284,15 @@ class Coordinator:
             "silo_bytes_up": dict(sorted(rnd.bytes_up.items())),
             "compression_ratio": rnd.raw_up / sent_up if sent_up else None,
             "rejected_updates": rnd.rejected,
+            # Compressed downlink: one change's bytes, and what the silos' copy still lacks (L2).
+            **(
+                {
+                    "downlink_change_bytes": change.payload_bytes,
+                    "downlink_debt": self.broadcast.error(new_state),
+                }
+                if change is not None and self.broadcast is not None
+                else {}
+            ),
             # How each update counted (weight share after caps, norm bound) and how it compared.
             "silo_updates": {sc.silo: sc.record() for sc in sorted(scores, key=lambda sc: sc.silo)},
             "seconds": round(time.time() - rnd.opened, 3),
@@ -299,6 +322,8 @@ class Coordinator:
                 new_state,
                 self.recorder.snapshot(),
                 strategy_state=self.strategy.state(),
+                broadcast=self.broadcast.arrays() if self.broadcast is not None else {},
+                extra={"broadcast_id": self.broadcast.id} if self.broadcast is not None else {},
             ),
             then=write_metrics,
         )
@@ -399,12 +424,16 @@ class Coordinator:
                     return pb.Task(state=pb.Task.WAIT, round=self.completed)
                 self.cond.wait(timeout=left)
 
-    def download(self, silo: str, round_number: int) -> Iterator[pb.Chunk]:
+    def download(self, silo: str, round_number: int, have: str = "") -> Iterator[pb.Chunk]:
         """The global model (and the strategy's per-silo tensors), encoded slice by slice as sent.
 
         Nothing is pre-encoded: each call streams from the stored global state, so a
-        download costs one chunk of memory, not a copy of the model.
+        download costs one chunk of memory, not a copy of the model. With a compressed
+        downlink, the changes since the copy the silo holds (`have`), or the whole copy.
         """
+        if self.broadcast is not None:
+            yield from self._download_copy(silo, round_number, have)
+            return
         with self.cond:
             rnd = self._round_for(silo, round_number)
             generation = self.generation
@@ -426,6 +455,27 @@ class Coordinator:
             extra_rng = np.random.default_rng([rnd.number, n])
             for chunk in iter_chunks(extras, self.download_codec, self.chunk_bytes, extra_rng, start_seq=n):
                 yield self._sent(rnd, silo, chunk)
+
+    def _download_copy(self, silo: str, round_number: int, have: str) -> Iterator[pb.Chunk]:
+        assert self.broadcast is not None
+        with self.cond:
+            rnd = self._round_for(silo, round_number)
+            generation = self.generation
+            files = self.broadcast.chain_from(have)
+            chunks = self.broadcast.whole(self.chunk_bytes) if files is None else self._changes(files)
+        for chunk in chunks:
+            if self.generation != generation:
+                raise Refused(
+                    "FAILED_PRECONDITION", "stale_round", f"round {round_number} closed during the download"
+                )
+            yield self._sent(rnd, silo, chunk)
+
+    def _changes(self, files: list[Path]) -> Iterator[pb.Chunk]:
+        seq = 0
+        for path in files:
+            for chunk in Broadcast.read(path, seq):
+                seq += 1
+                yield chunk
 
     def _sent(self, rnd: RoundState, silo: str, chunk: pb.Chunk) -> pb.Chunk:
         with self.cond:

@@ -127,7 +127,7 @@ class FederatedTrainingServicer(pb_grpc.FederatedTrainingServicer):
         sent = 0
         with self._admitted(context, silo, "download"):
             try:
-                for chunk in self.coord.download(silo, request.round):
+                for chunk in self.coord.download(silo, request.round, request.have):
                     sent += len(chunk.payload)
                     yield chunk
             except Refused as exc:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x66\x65\x64job/v1/fedjob.proto\x12\tfedjob.v1\"<\n\x0bJoinRequest\x12\x15\n\rexpected_silo\x18\x01 \x01(\t\x12\x16\n\x0eworker_version\x18\x02 \x01(\t\"|\n\tJoinReply\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04silo\x18\x02 \x01(\t\x12\x15\n\rcurrent_round\x18\x03 \x01(\r\x12\x14\n\x0ctotal_rounds\x18\x04 \x01(\r\x12\x17\n\x0fmax_chunk_bytes\x18\x05 \x01(\r\x12\x0e\n\x06\x63odecs\x18\x06 \x03(\t\"8\n\x0bTaskRequest\x12\x13\n\x0b\x61\x66ter_round\x18\x01 \x01(\r\x12\x14\n\x0cwait_seconds\x18\x02 \x01(\x02\"\xbc\x01\n\x04Task\x12$\n\x05state\x18\x01 \x01(\x0e\x32\x15.fedjob.v1.Task.State\x12\r\n\x05round\x18\x02 \x01(\r\x12\x15\n\rdeadline_unix\x18\x03 \x01(\x01\x12\x0f\n\x07message\x18\x04 \x01(\t\"W\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x08\n\x04WAIT\x10\x02\x12\x08\n\x04\x44ONE\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\x0c\n\x08\x45VALUATE\x10\x05\" \n\x0f\x44ownloadRequest\x12\r\n\x05round\x18\x01 \x01(\r\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\r\x12\r\n\x05\x64type\x18\x03 \x01(\t\"\x99\x01\n\x05\x43hunk\x12\x0b\n\x03seq\x18\x01 \x01(\r\x12%\n\x06tensor\x18\x02 \x01(\x0b\x32\x15.fedjob.v1.TensorSpec\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\r\n\x05\x63ount\x18\x04 \x01(\x04\x12\r\n\x05\x63odec\x18\x05 \x01(\t\x12\x0f\n\x07payload\x18\x06 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x07 \x01(\r\x12\x0e\n\x06params\x18\x08 \x03(\x02\"\xd5\x01\n\x0cUpdateHeader\x12\r\n\x05round\x18\x01 \x01(\r\x12\x11\n\tupload_id\x18\x02 \x01(\t\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x04\x12\x13\n\x0blocal_steps\x18\x04 \x01(\r\x12\x12\n\ntrain_loss\x18\x05 \x01(\x02\x12\x14\n\x0ctotal_chunks\x18\x06 \x01(\r\x12\x11\n\traw_bytes\x18\x07 \x01(\x04\x12\x13\n\x0bresume_from\x18\x08 \x01(\r\x12\x11\n\teval_loss\x18\t \x01(\x02\x12\x14\n\x0c\x65val_samples\x18\n \x01(\x04\"@\n\x10\x45valuationReport\x12\r\n\x05round\x18\x01 \x01(\r\x12\x0c\n\x04loss\x18\x02 \x01(\x02\x12\x0f\n\x07samples\x18\x03 \x01(\x04\"\"\n\x11\x45valuationReceipt\x12\r\n\x05round\x18\x01 \x01(\r\"%\n\rUpdateTrailer\x12\x14\n\x0ctotal_chunks\x18\x01 \x01(\r\"\x92\x01\n\rUploadMessage\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.fedjob.v1.UpdateHeaderH\x00\x12!\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x10.fedjob.v1.ChunkH\x00\x12+\n\x07trailer\x18\x03 \x01(\x0b\x32\x18.fedjob.v1.UpdateTrailerH\x00\x42\x06\n\x04part\"H\n\rUploadReceipt\x12\r\n\x05round\x18\x01 \x01(\r\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x08\"6\n\x12QueryUploadRequest\x12\r\n\x05round\x18\x01 \x01(\r\x12\x11\n\tupload_id\x18\x02 \x01(\t\"$\n\x10QueryUploadReply\x12\x10\n\x08next_seq\x18\x01 \x01(\r\"\x0f\n\rStatusRequest\"\xdc\x01\n\nSiloStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x12\n\nlast_round\x18\x03 \x01(\r\x12\x17\n\x0flast_train_loss\x18\x04 \x01(\x02\x12\x10\n\x08\x62ytes_up\x18\x05 \x01(\x04\x12\x14\n\x0cscored_round\x18\x06 \x01(\r\x12\x13\n\x0bupdate_norm\x18\x07 \x01(\x02\x12\x15\n\rupdate_cosine\x18\x08 \x01(\x02\x12\x1a\n\x12update_norm_zscore\x18\t \x01(\x02\x12\x14\n\x0cweight_share\x18\n \x01(\x02\"\xac\x01\n\x0cRoundMetrics\x12\r\n\x05round\x18\x01 \x01(\r\x12\x12\n\ntrain_loss\x18\x02 \x01(\x02\x12\x11\n\teval_loss\x18\x03 \x01(\x02\x12\x14\n\x0cparticipants\x18\x04 \x01(\r\x12\x10\n\x08\x62ytes_up\x18\x05 \x01(\x04\x12\x12\n\nbytes_down\x18\x06 \x01(\x04\x12\x19\n\x11\x63ompression_ratio\x18\x07 \x01(\x02\x12\x0f\n\x07seconds\x18\x08 \x01(\x02\"\x85\x02\n\tJobStatus\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\r\n\x05phase\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\x14\n\x0ctotal_rounds\x18\x04 \x01(\r\x12$\n\x05silos\x18\x05 \x03(\x0b\x32\x15.fedjob.v1.SiloStatus\x12+\n\nlast_round\x18\x06 \x01(\x0b\x32\x17.fedjob.v1.RoundMetrics\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\x18\n\x10updates_rejected\x18\x08 \x01(\x04\x12\x1b\n\x13\x66\x65\x64\x65rated_eval_loss\x18\t \x01(\x02\x12\x1c\n\x14\x66\x65\x64\x65rated_eval_round\x18\n \x01(\r2\xdc\x03\n\x11\x46\x65\x64\x65ratedTraining\x12\x34\n\x04Join\x12\x16.fedjob.v1.JoinRequest\x1a\x14.fedjob.v1.JoinReply\x12\x32\n\x07GetTask\x12\x16.fedjob.v1.TaskRequest\x1a\x0f.fedjob.v1.Task\x12@\n\x0e\x44ownloadGlobal\x12\x1a.fedjob.v1.DownloadRequest\x1a\x10.fedjob.v1.Chunk0\x01\x12\x44\n\x0cUploadUpdate\x12\x18.fedjob.v1.UploadMessage\x1a\x18.fedjob.v1.UploadReceipt(\x01\x12I\n\x0bQueryUpload\x12\x1d.fedjob.v1.QueryUploadRequest\x1a\x1b.fedjob.v1.QueryUploadReply\x12;\n\tGetStatus\x12\x18.fedjob.v1.StatusRequest\x1a\x14.fedjob.v1.JobStatus\x12M\n\x10ReportEvaluation\x12\x1b.fedjob.v1.EvaluationReport\x1a\x1c.fedjob.v1.EvaluationReceiptb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x66\x65\x64job/v1/fedjob.proto\x12\tfedjob.v1\"<\n\x0bJoinRequest\x12\x15\n\rexpected_silo\x18\x01 \x01(\t\x12\x16\n\x0eworker_version\x18\x02 \x01(\t\"|\n\tJoinReply\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04silo\x18\x02 \x01(\t\x12\x15\n\rcurrent_round\x18\x03 \x01(\r\x12\x14\n\x0ctotal_rounds\x18\x04 \x01(\r\x12\x17\n\x0fmax_chunk_bytes\x18\x05 \x01(\r\x12\x0e\n\x06\x63odecs\x18\x06 \x03(\t\"8\n\x0bTaskRequest\x12\x13\n\x0b\x61\x66ter_round\x18\x01 \x01(\r\x12\x14\n\x0cwait_seconds\x18\x02 \x01(\x02\"\xbc\x01\n\x04Task\x12$\n\x05state\x18\x01 \x01(\x0e\x32\x15.fedjob.v1.Task.State\x12\r\n\x05round\x18\x02 \x01(\r\x12\x15\n\rdeadline_unix\x18\x03 \x01(\x01\x12\x0f\n\x07message\x18\x04 \x01(\t\"W\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x08\n\x04WAIT\x10\x02\x12\x08\n\x04\x44ONE\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\x0c\n\x08\x45VALUATE\x10\x05\".\n\x0f\x44ownloadRequest\x12\r\n\x05round\x18\x01 \x01(\r\x12\x0c\n\x04have\x18\x02 \x01(\t\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\r\x12\r\n\x05\x64type\x18\x03 \x01(\t\"\xb7\x01\n\x05\x43hunk\x12\x0b\n\x03seq\x18\x01 \x01(\r\x12%\n\x06tensor\x18\x02 \x01(\x0b\x32\x15.fedjob.v1.TensorSpec\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\r\n\x05\x63ount\x18\x04 \x01(\x04\x12\r\n\x05\x63odec\x18\x05 \x01(\t\x12\x0f\n\x07payload\x18\x06 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x07 \x01(\r\x12\x0e\n\x06params\x18\x08 \x03(\x02\x12\x0c\n\x04\x62\x61se\x18\t \x01(\t\x12\x0e\n\x06result\x18\n \x01(\t\"\xd5\x01\n\x0cUpdateHeader\x12\r\n\x05round\x18\x01 \x01(\r\x12\x11\n\tupload_id\x18\x02 \x01(\t\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x04\x12\x13\n\x0blocal_steps\x18\x04 \x01(\r\x12\x12\n\ntrain_loss\x18\x05 \x01(\x02\x12\x14\n\x0ctotal_chunks\x18\x06 \x01(\r\x12\x11\n\traw_bytes\x18\x07 \x01(\x04\x12\x13\n\x0bresume_from\x18\x08 \x01(\r\x12\x11\n\teval_loss\x18\t \x01(\x02\x12\x14\n\x0c\x65val_samples\x18\n \x01(\x04\"@\n\x10\x45valuationReport\x12\r\n\x05round\x18\x01 \x01(\r\x12\x0c\n\x04loss\x18\x02 \x01(\x02\x12\x0f\n\x07samples\x18\x03 \x01(\x04\"\"\n\x11\x45valuationReceipt\x12\r\n\x05round\x18\x01 \x01(\r\"%\n\rUpdateTrailer\x12\x14\n\x0ctotal_chunks\x18\x01 \x01(\r\"\x92\x01\n\rUploadMessage\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.fedjob.v1.UpdateHeaderH\x00\x12!\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x10.fedjob.v1.ChunkH\x00\x12+\n\x07trailer\x18\x03 \x01(\x0b\x32\x18.fedjob.v1.UpdateTrailerH\x00\x42\x06\n\x04part\"H\n\rUploadReceipt\x12\r\n\x05round\x18\x01 \x01(\r\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x08\"6\n\x12QueryUploadRequest\x12\r\n\x05round\x18\x01 \x01(\r\x12\x11\n\tupload_id\x18\x02 \x01(\t\"$\n\x10QueryUploadReply\x12\x10\n\x08next_seq\x18\x01 \x01(\r\"\x0f\n\rStatusRequest\"\xdc\x01\n\nSiloStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x12\n\nlast_round\x18\x03 \x01(\r\x12\x17\n\x0flast_train_loss\x18\x04 \x01(\x02\x12\x10\n\x08\x62ytes_up\x18\x05 \x01(\x04\x12\x14\n\x0cscored_round\x18\x06 \x01(\r\x12\x13\n\x0bupdate_norm\x18\x07 \x01(\x02\x12\x15\n\rupdate_cosine\x18\x08 \x01(\x02\x12\x1a\n\x12update_norm_zscore\x18\t \x01(\x02\x12\x14\n\x0cweight_share\x18\n \x01(\x02\"\xac\x01\n\x0cRoundMetrics\x12\r\n\x05round\x18\x01 \x01(\r\x12\x12\n\ntrain_loss\x18\x02 \x01(\x02\x12\x11\n\teval_loss\x18\x03 \x01(\x02\x12\x14\n\x0cparticipants\x18\x04 \x01(\r\x12\x10\n\x08\x62ytes_up\x18\x05 \x01(\x04\x12\x12\n\nbytes_down\x18\x06 \x01(\x04\x12\x19\n\x11\x63ompression_ratio\x18\x07 \x01(\x02\x12\x0f\n\x07seconds\x18\x08 \x01(\x02\"\x85\x02\n\tJobStatus\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\r\n\x05phase\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\x14\n\x0ctotal_rounds\x18\x04 \x01(\r\x12$\n\x05silos\x18\x05 \x03(\x0b\x32\x15.fedjob.v1.SiloStatus\x12+\n\nlast_round\x18\x06 \x01(\x0b\x32\x17.fedjob.v1.RoundMetrics\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\x18\n\x10updates_rejected\x18\x08 \x01(\x04\x12\x1b\n\x13\x66\x65\x64\x65rated_eval_loss\x18\t \x01(\x02\x12\x1c\n\x14\x66\x65\x64\x65rated_eval_round\x18\n \x01(\r2\xdc\x03\n\x11\x46\x65\x64\x65ratedTraining\x12\x34\n\x04Join\x12\x16.fedjob.v1.JoinRequest\x1a\x14.fedjob.v1.JoinReply\x12\x32\n\x07GetTask\x12\x16.fedjob.v1.TaskRequest\x1a\x0f.fedjob.v1.Task\x12@\n\x0e\x44ownloadGlobal\x12\x1a.fedjob.v1.DownloadRequest\x1a\x10.fedjob.v1.Chunk0\x01\x12\x44\n\x0cUploadUpdate\x12\x18.fedjob.v1.UploadMessage\x1a\x18.fedjob.v1.UploadReceipt(\x01\x12I\n\x0bQueryUpload\x12\x1d.fedjob.v1.QueryUploadRequest\x1a\x1b.fedjob.v1.QueryUploadReply\x12;\n\tGetStatus\x12\x18.fedjob.v1.StatusRequest\x1a\x14.fedjob.v1.JobStatus\x12M\n\x10ReportEvaluation\x12\x1b.fedjob.v1.EvaluationReport\x1a\x1c.fedjob.v1.EvaluationReceiptb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,35 +42,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TASK_STATE']._serialized_start=385
   _globals['_TASK_STATE']._serialized_end=472
   _globals['_DOWNLOADREQUEST']._serialized_start=474
-  _globals['_DOWNLOADREQUEST']._serialized_end=506
-  _globals['_TENSORSPEC']._serialized_start=508
-  _globals['_TENSORSPEC']._serialized_end=564
-  _globals['_CHUNK']._serialized_start=567
-  _globals['_CHUNK']._serialized_end=720
-  _globals['_UPDATEHEADER']._serialized_start=723
-  _globals['_UPDATEHEADER']._serialized_end=936
-  _globals['_EVALUATIONREPORT']._serialized_start=938
-  _globals['_EVALUATIONREPORT']._serialized_end=1002
-  _globals['_EVALUATIONRECEIPT']._serialized_start=1004
-  _globals['_EVALUATIONRECEIPT']._serialized_end=1038
-  _globals['_UPDATETRAILER']._serialized_start=1040
-  _globals['_UPDATETRAILER']._serialized_end=1077
-  _globals['_UPLOADMESSAGE']._serialized_start=1080
-  _globals['_UPLOADMESSAGE']._serialized_end=1226
-  _globals['_UPLOADRECEIPT']._serialized_start=1228
-  _globals['_UPLOADRECEIPT']._serialized_end=1300
-  _globals['_QUERYUPLOADREQUEST']._serialized_start=1302
-  _globals['_QUERYUPLOADREQUEST']._serialized_end=1356
-  _globals['_QUERYUPLOADREPLY']._serialized_start=1358
-  _globals['_QUERYUPLOADREPLY']._serialized_end=1394
-  _globals['_STATUSREQUEST']._serialized_start=1396
-  _globals['_STATUSREQUEST']._serialized_end=1411
-  _globals['_SILOSTATUS']._serialized_start=1414
-  _globals['_SILOSTATUS']._serialized_end=1634
-  _globals['_ROUNDMETRICS']._serialized_start=1637
-  _globals['_ROUNDMETRICS']._serialized_end=1809
-  _globals['_JOBSTATUS']._serialized_start=1812
-  _globals['_JOBSTATUS']._serialized_end=2073
-  _globals['_FEDERATEDTRAINING']._serialized_start=2076
-  _globals['_FEDERATEDTRAINING']._serialized_end=2552
+  _globals['_DOWNLOADREQUEST']._serialized_end=520
+  _globals['_TENSORSPEC']._serialized_start=522
+  _globals['_TENSORSPEC']._serialized_end=578
+  _globals['_CHUNK']._serialized_start=581
+  _globals['_CHUNK']._serialized_end=764
+  _globals['_UPDATEHEADER']._serialized_start=767
+  _globals['_UPDATEHEADER']._serialized_end=980
+  _globals['_EVALUATIONREPORT']._serialized_start=982
+  _globals['_EVALUATIONREPORT']._serialized_end=1046
+  _globals['_EVALUATIONRECEIPT']._serialized_start=1048
+  _globals['_EVALUATIONRECEIPT']._serialized_end=1082
+  _globals['_UPDATETRAILER']._serialized_start=1084
+  _globals['_UPDATETRAILER']._serialized_end=1121
+  _globals['_UPLOADMESSAGE']._serialized_start=1124
+  _globals['_UPLOADMESSAGE']._serialized_end=1270
+  _globals['_UPLOADRECEIPT']._serialized_start=1272
+  _globals['_UPLOADRECEIPT']._serialized_end=1344
+  _globals['_QUERYUPLOADREQUEST']._serialized_start=1346
+  _globals['_QUERYUPLOADREQUEST']._serialized_end=1400
+  _globals['_QUERYUPLOADREPLY']._serialized_start=1402
+  _globals['_QUERYUPLOADREPLY']._serialized_end=1438
+  _globals['_STATUSREQUEST']._serialized_start=1440
+  _globals['_STATUSREQUEST']._serialized_end=1455
+  _globals['_SILOSTATUS']._serialized_start=1458
+  _globals['_SILOSTATUS']._serialized_end=1678
+  _globals['_ROUNDMETRICS']._serialized_start=1681
+  _globals['_ROUNDMETRICS']._serialized_end=1853
+  _globals['_JOBSTATUS']._serialized_start=1856
+  _globals['_JOBSTATUS']._serialized_end=2117
+  _globals['_FEDERATEDTRAINING']._serialized_start=2120
+  _globals['_FEDERATEDTRAINING']._serialized_end=2596
 # @@protoc_insertion_point(module_scope)

@@ -66,10 +66,12 @@ class Task(_message.Message):
     def __init__(self, state: _Optional[_Union[Task.State, str]] = ..., round: _Optional[int] = ..., deadline_unix: _Optional[float] = ..., message: _Optional[str] = ...) -> None: ...
 
 class DownloadRequest(_message.Message):
-    __slots__ = ("round",)
+    __slots__ = ("round", "have")
     ROUND_FIELD_NUMBER: _ClassVar[int]
+    HAVE_FIELD_NUMBER: _ClassVar[int]
     round: int
-    def __init__(self, round: _Optional[int] = ...) -> None: ...
+    have: str
+    def __init__(self, round: _Optional[int] = ..., have: _Optional[str] = ...) -> None: ...
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "shape", "dtype")
@@ -82,7 +84,7 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class Chunk(_message.Message):
-    __slots__ = ("seq", "tensor", "offset", "count", "codec", "payload", "crc32", "params")
+    __slots__ = ("seq", "tensor", "offset", "count", "codec", "payload", "crc32", "params", "base", "result")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +93,8 @@ class Chunk(_message.Message):
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     CRC32_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
+    BASE_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
     seq: int
     tensor: TensorSpec
     offset: int
@@ -99,7 +103,9 @@ class Chunk(_message.Message):
     payload: bytes
     crc32: int
     params: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, seq: _Optional[int] = ..., tensor: _Optional[_Union[TensorSpec, _Mapping]] = ..., offset: _Optional[int] = ..., count: _Optional[int] = ..., codec: _Optional[str] = ..., payload: _Optional[bytes] = ..., crc32: _Optional[int] = ..., params: _Optional[_Iterable[float]] = ...) -> None: ...
+    base: str
+    result: str
+    def __init__(self, seq: _Optional[int] = ..., tensor: _Optional[_Union[TensorSpec, _Mapping]] = ..., offset: _Optional[int] = ..., count: _Optional[int] = ..., codec: _Optional[str] = ..., payload: _Optional[bytes] = ..., crc32: _Optional[int] = ..., params: _Optional[_Iterable[float]] = ..., base: _Optional[str] = ..., result: _Optional[str] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
     __slots__ = ("round", "upload_id", "num_samples", "local_steps", "train_loss", "total_chunks", "raw_bytes", "resume_from", "eval_loss", "eval_samples")

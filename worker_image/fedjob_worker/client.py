@@ -15,6 +15,7 @@ import numpy as np
 
 from fedjob.chunking import ChunkValidator, State, TensorInfo, assemble, count_chunks, iter_chunks
 from fedjob.codec import Codec
+from fedjob.downlink import GlobalCopy
 from fedjob.tls import CertFiles
 from fedjob.v1 import fedjob_pb2 as pb
 from fedjob.v1 import fedjob_pb2_grpc as pb_grpc
@@ -128,6 +129,23 @@ class AggregatorClient:
             state = assemble(self.stub.DownloadGlobal(pb.DownloadRequest(round=round_number)), validator)
             return state, validator.payload_bytes
 
+        return self._download(once)
+
+    def download_copy(self, round_number: int, copy: GlobalCopy) -> int:
+        """Compressed downlink: bring the silo's copy up to the round's (changes, or the whole copy).
+
+        Returns the payload bytes received. A broken download drops the copy: the retry
+        asks for the whole one.
+        """
+
+        def once() -> int:
+            return copy.receive(
+                self.stub.DownloadGlobal(pb.DownloadRequest(round=round_number, have=copy.id))
+            )
+
+        return self._download(once)
+
+    def _download(self, once: Callable[[], T]) -> T:
         try:
             return self._retry("download", once)
         except grpc.RpcError as exc:

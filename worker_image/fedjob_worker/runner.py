@@ -19,6 +19,7 @@ import numpy as np
 
 from fedjob.chunking import State, TensorInfo
 from fedjob.codec import DOWNLOAD_CODEC, Codec
+from fedjob.downlink import GlobalCopy, downlink_encoder
 from fedjob.spec import FederatedJob
 from fedjob.stage_state import StageStateStore, StatefulUplink
 from fedjob.strategies import make_strategy
@@ -155,6 +156,11 @@ def _rank_main(job: FederatedJob, opts: WorkerOptions, rank: int, world: int, po
     # Tensors the job's algorithm adds to the stream (SCAFFOLD's control variates).
     strategy = make_strategy(job.spec.aggregation, len(job.spec.silos))
     download_manifest = {**manifest, **strategy.download_extras_manifest(manifest)}
+    # Compressed downlink: rank 0 keeps the global copy and receives its changes.
+    encoder = downlink_encoder(comp)
+    copy = (
+        GlobalCopy(manifest, encoder.codec, comp.chunk_bytes) if encoder is not None and rank == 0 else None
+    )
     client = None
     uplink: StatefulUplink | None = None
     if rank == 0:
@@ -204,9 +210,15 @@ def _rank_main(job: FederatedJob, opts: WorkerOptions, rank: int, world: int, po
         if client is not None:
             started = time.time()
             try:
-                received, nbytes = client.download(
-                    round_number, download_manifest, download_codec, comp.chunk_bytes
-                )
+                if copy is not None:
+                    nbytes = client.download_copy(round_number, copy)
+                    assert copy.state is not None
+                    received = copy.state
+                    log.info("round %d: global copy %s (%s)", round_number, copy.id, copy.last)
+                else:
+                    received, nbytes = client.download(
+                        round_number, download_manifest, download_codec, comp.chunk_bytes
+                    )
                 log.info(
                     "round %d: downloaded %d bytes in %.2f s", round_number, nbytes, time.time() - started
                 )
