@@ -39,6 +39,9 @@ CHAINS: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]] = {
     "topk10-q4": ([{"topk": {"fraction": 0.1}}, {"quantize": {"bits": 4}}, {"zstd": {}}], {}),
     "topk5-q2": ([{"topk": {"fraction": 0.05}}, {"quantize": {"bits": 2}}, {"zstd": {}}], {}),
     "topk2-q2": ([{"topk": {"fraction": 0.02}}, {"quantize": {"bits": 2}}, {"zstd": {}}], {}),
+    "topk25-q2": ([{"topk": {"fraction": 0.25}}, {"quantize": {"bits": 2}}, {"zstd": {}}], {}),
+    # top-k keeping everything: error feedback on the 2-bit rounding alone
+    "ef-q2": ([{"topk": {"fraction": 1.0}}, {"quantize": {"bits": 2}}, {"zstd": {}}], {}),
 }
 
 
@@ -63,6 +66,12 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path.home() / ".cache" / "fedjob" / "bench-learning-quality")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "communication")
     p.add_argument("--fresh", action="store_true")
+    p.add_argument(
+        "--downlink",
+        default="",
+        help="also compress the downlink with these chains (comma-separated; only their stages, "
+        "one job per chain with the same chain both ways)",
+    )
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -89,6 +98,12 @@ def main() -> None:
             doc["spec"]["compression"] = {**legacy, **({"uplink": uplink} if uplink else {})}
             history = run_job(args, doc, f"comm-{algorithm}-{chain}-{tag}")
             rows.append(measure(algorithm, chain, history))
+        for chain in filter(None, args.downlink.split(",")):
+            uplink, legacy = CHAINS[chain]
+            doc = job_document(args, f"comm-{algorithm}", silos, args.rounds, args.seed, **agg)
+            doc["spec"]["compression"] = {"uplink": uplink, "downlink": uplink}
+            history = run_job(args, doc, f"comm-{algorithm}-{chain}-both-{tag}")
+            rows.append(measure(algorithm, f"{chain}, downlink too", history))
 
     table = render(rows)
     print("\n" + table)

@@ -222,15 +222,22 @@ class Sparse:
         return 1 + self.quantizer.size(count)
 
     def encode(self, values: F32, rng: np.random.Generator) -> Payload:
+        sparse = self.encode_sparse(values, rng)
+        return sparse if sparse is not None else self.encode_dense(values, rng)
+
+    def encode_dense(self, values: F32, rng: np.random.Generator) -> Payload:
+        inner = self.quantizer.encode(values, rng)
+        return Payload(b"\x00" + inner.data, inner.params)
+
+    def encode_sparse(self, values: F32, rng: np.random.Generator) -> Payload | None:
+        """The sparse layout, or None when it would not be smaller than the dense one."""
         positions = np.flatnonzero(values)
         nnz = positions.size
         gaps = np.diff(positions, prepend=0) if nnz else positions
         widest = int(gaps.max()) if nnz else 0
         width = 1 if widest < 1 << 8 else 2 if widest < 1 << 16 else 4
-        sparse_size = 6 + nnz * width + self.quantizer.size(nnz)
-        if sparse_size >= self.max_size(values.size):
-            inner = self.quantizer.encode(values, rng)
-            return Payload(b"\x00" + inner.data, inner.params)
+        if 6 + nnz * width + self.quantizer.size(nnz) >= self.max_size(values.size):
+            return None
         inner = self.quantizer.encode(np.ascontiguousarray(values[positions]), rng)
         head = b"\x01" + nnz.to_bytes(4, "little") + bytes([width])
         return Payload(head + gaps.astype(f"<u{width}").tobytes() + inner.data, inner.params)
@@ -341,10 +348,20 @@ class Codec:
         return cls.from_name(SPEC_TO_QUANTIZER[codec] + ("+zstd" if zstd else ""))
 
     def encode(self, values: F32, rng: np.random.Generator) -> Payload:
-        if self.sparse is not None:
-            payload = self.sparse.encode(values, rng)
-        else:
-            payload = self.quantizer.encode(values, rng)
+        if self.sparse is None:
+            return self._bytes(self.quantizer.encode(values, rng))
+        if not self.byte_stages:
+            return self.sparse.encode(values, rng)
+        # Before zstd the sparse layout is smaller, but zstd may shrink the dense codes of a
+        # mostly-zero slice further than the gaps: send whichever ends up smaller.
+        sparse = self.sparse.encode_sparse(values, rng)
+        dense = self._bytes(self.sparse.encode_dense(values, rng))
+        if sparse is None:
+            return dense
+        packed = self._bytes(sparse)
+        return packed if len(packed.data) < len(dense.data) else dense
+
+    def _bytes(self, payload: Payload) -> Payload:
         for stage in self.byte_stages:
             payload = stage.encode(payload)
         return payload
