@@ -55,6 +55,7 @@ bench: $(STAMP)
 	$(PY) bench/scale.py
 	$(PY) bench/scale.py --lora 1.1B 6.7B
 	$(PY) bench/poisoning.py
+	$(PY) bench/communication.py
 
 clean:
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache
