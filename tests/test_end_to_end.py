@@ -174,7 +174,14 @@ def test_other_strategies_train_for_real(assets: Path, tmp_path: Path, algorithm
         {"mode": "lora", "learningRate": 0.01, "lora": {"r": 4}, "deepspeed": {"zeroStage": 1}},
         eval={"path": str(assets / "data/eval"), "batches": 2},
         rounds=3,
-        aggregation={"algorithm": algorithm, "minSilos": 2, "proximalMu": 0.1, "serverLearningRate": 0.01},
+        aggregation={
+            "algorithm": algorithm,
+            "minSilos": 2,
+            "proximalMu": 0.1,
+            "serverLearningRate": 0.01,
+            # Three rounds: DiLoCo's momentum of 0.9 would still be overshooting its first steps.
+            "outerMomentum": 0.5,
+        },
     )
     if algorithm == "fednova":  # silos that run different numbers of steps: what FedNova is for
         spec["silos"][0]["localSteps"] = 4
