@@ -76,6 +76,7 @@ class _Watched:
     call: Cancellable
     deadline: float
     why: str = ""
+    cancelled: bool = False
 
 
 @dataclass
@@ -116,12 +117,18 @@ class IdleWatch:
             if w is not None:
                 w.deadline, w.why = time.monotonic() + self.idle_seconds, "no chunk"
 
+    def _cancelled(self, key: int) -> bool:
+        with self._lock:
+            w = self._streams.get(key)
+            return w is not None and w.cancelled
+
     def _run(self) -> None:
         while not self._stop.wait(self.tick):
             now = time.monotonic()
             with self._lock:
                 late = [w for w in self._streams.values() if w.deadline <= now]
             for w in late:
+                w.cancelled = True  # before the cancel: the handler reads it once its read ends
                 w.call.cancel()  # the handler's next read raises; its finally blocks free the slot
 
 
@@ -133,3 +140,8 @@ class StreamClock:
     def touch(self) -> None:
         """A message arrived: the stream has `idle_seconds` again."""
         self.watch._touch(self.key)
+
+    @property
+    def cancelled(self) -> bool:
+        """The watch cancelled this stream for going quiet."""
+        return self.watch._cancelled(self.key)

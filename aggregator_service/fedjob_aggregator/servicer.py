@@ -22,6 +22,10 @@ log = logging.getLogger("fedjob.aggregator")
 VERSION = "0.1.0"
 
 
+class _QuietStream(Exception):
+    """The idle watch cancelled an upload before its header came."""
+
+
 class FederatedTrainingServicer(pb_grpc.FederatedTrainingServicer):
     def __init__(
         self,
@@ -146,12 +150,13 @@ class FederatedTrainingServicer(pb_grpc.FederatedTrainingServicer):
         with self._admitted(context, silo, "upload"), self.watch.watching(context) as clock:
             try:
                 return self._upload(silo, request_iterator, context, clock)
-            except grpc.RpcError:
-                if context.is_active():
+            except (grpc.RpcError, _QuietStream):
+                if not clock.cancelled and context.is_active():
                     raise
+                # Cancelled for going quiet: the client has its CANCELLED already; count it once.
                 self.metrics.rejected(silo, "idle_stream")
                 log.warning("cancelled %s's upload: it went quiet past its deadline", silo)
-                raise
+                return pb.UploadReceipt()
 
     def _upload(
         self,
@@ -163,6 +168,8 @@ class FederatedTrainingServicer(pb_grpc.FederatedTrainingServicer):
         received = 0
         try:
             first = next(request_iterator, None)
+            if clock.cancelled:  # the read ended because the watch cancelled the stream
+                raise _QuietStream
             clock.touch()
             if first is None or first.WhichOneof("part") != "header":
                 raise Refused("INVALID_ARGUMENT", "bad_header", "an upload starts with an UpdateHeader")
@@ -188,6 +195,8 @@ class FederatedTrainingServicer(pb_grpc.FederatedTrainingServicer):
                     )
             # The stream ended without a trailer: keep what arrived so the silo can resume.
             self.metrics.bytes(silo, "up", received)
+            if clock.cancelled:
+                raise _QuietStream
             context.abort(
                 grpc.StatusCode.ABORTED,
                 f"incomplete: stream ended after chunk {up.next_seq}; resume with QueryUpload",
