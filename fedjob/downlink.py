@@ -40,8 +40,13 @@ def downlink_encoder(compression: CompressionSpec) -> DownlinkEncoder | None:
     """The job's downlink chain, or None when the whole model goes down every round."""
     if not compression.downlink:
         return None
-    topk = next((st.topk.fraction for st in compression.downlink if st.topk is not None), None)
-    return DownlinkEncoder(chain_codec(compression.downlink), topk, compression.chunk_bytes)
+    topk = next((st.topk for st in compression.downlink if st.topk is not None), None)
+    return DownlinkEncoder(
+        chain_codec(compression.downlink),
+        topk.fraction if topk is not None else None,
+        compression.chunk_bytes,
+        topk.block_size if topk is not None else None,
+    )
 
 
 def initial_id(state: Mapping[str, np.ndarray]) -> str:
@@ -69,10 +74,10 @@ class Change:
 class DownlinkEncoder:
     """The aggregator's half: turn G - B into one encoded change and apply it to B."""
 
-    def __init__(self, codec: Codec, topk: float | None, chunk_bytes: int) -> None:
+    def __init__(self, codec: Codec, topk: float | None, chunk_bytes: int, block: int | None = None) -> None:
         self.codec = codec
         # No residual: what top-k leaves out stays in G - B for the next round.
-        self.topk = TopK(topk, error_feedback=False) if topk is not None else None
+        self.topk = TopK(topk, error_feedback=False, block=block) if topk is not None else None
         self.chunk_bytes = chunk_bytes
 
     def advance(self, broadcast: State, broadcast_id: str, new_global: State, round_number: int) -> Change:

@@ -304,6 +304,13 @@ class TopKStageSpec(_Spec):
         description="Keep what is not sent in a residual on the silo (checkpointed with it) and add it "
         "to the next round's update.",
     )
+    block_size: int | None = Field(
+        None,
+        ge=2,
+        le=1 << 24,
+        description="Select per block of this many consecutive values instead of per tensor (chunked "
+        "top-k: the values sent are spread over the whole tensor).",
+    )
 
 
 class QuantizeStageSpec(_Spec):

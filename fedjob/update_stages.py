@@ -151,17 +151,30 @@ class TopK(UplinkStage):
     on the wire (zeros where nothing is sent), which zstd shrinks; a sparse wire
     format is the codec's business.
 
+    With `block`, the largest `fraction` of every block of `block` consecutive values
+    is kept instead (chunked top-k, as in SparseLoCo): the selection is spread over the
+    whole tensor rather than concentrated where its values are largest.
+
     Aggregator half: each tensor may carry at most its k non-zero values.
     """
 
     kind = "topk"
 
-    def __init__(self, fraction: float, error_feedback: bool = True) -> None:
+    def __init__(self, fraction: float, error_feedback: bool = True, block: int | None = None) -> None:
         if not 0 < fraction <= 1:
             raise ValueError("topk: fraction must be in (0, 1]")
+        if block is not None and block < 2:
+            raise ValueError("topk: block must be at least 2")
         self.fraction = fraction
         self.error_feedback = error_feedback
+        self.block = block
         self.residual: State = {}
+
+    def limit(self, size: int) -> int:
+        """The most values this stage sends of a tensor of `size`."""
+        if self.block is None or self.block >= size:
+            return topk_count(size, self.fraction)
+        return -(-size // self.block) * topk_count(self.block, self.fraction)
 
     def apply(self, update: Update) -> None:
         for name, v in update.deltas.items():
@@ -174,16 +187,32 @@ class TopK(UplinkStage):
                 acc = r
             else:
                 acc = flat
-            k = topk_count(flat.size, self.fraction)
-            if k < flat.size:
-                keep = np.argpartition(np.abs(acc), flat.size - k)[flat.size - k :]
-                kept = acc[keep]  # a copy: without error feedback `acc` is `flat` itself
-                flat[:] = 0.0
-                flat[keep] = kept
+            if self.block is not None and self.block < flat.size:
+                self._select_blocks(acc, flat)
             else:
-                flat[:] = acc
+                k = topk_count(flat.size, self.fraction)
+                if k < flat.size:
+                    keep = np.argpartition(np.abs(acc), flat.size - k)[flat.size - k :]
+                    kept = acc[keep]  # a copy: without error feedback `acc` is `flat` itself
+                    flat[:] = 0.0
+                    flat[keep] = kept
+                else:
+                    flat[:] = acc
             if self.error_feedback:
                 acc -= flat  # what is sent leaves the residual; the rest waits
+
+    def _select_blocks(self, acc: F32, out: F32) -> None:
+        """Per block of `self.block` values (the last one zero-padded), keep the k largest."""
+        assert self.block is not None
+        b, n = self.block, acc.size
+        k = topk_count(b, self.fraction)
+        rows = np.zeros(-(-n // b) * b, dtype=np.float32)
+        rows[:n] = acc
+        rows2 = rows.reshape(-1, b)
+        keep = np.argpartition(np.abs(rows2), b - k, axis=1)[:, b - k :]
+        chosen = np.zeros_like(rows2)
+        np.put_along_axis(chosen, keep, np.take_along_axis(rows2, keep, axis=1), axis=1)
+        out[:] = chosen.reshape(-1)[:n]
 
     def state(self) -> State:
         return dict(self.residual) if self.error_feedback else {}
@@ -192,16 +221,17 @@ class TopK(UplinkStage):
         self.residual = {n: np.ascontiguousarray(v, dtype=np.float32).reshape(-1) for n, v in state.items()}
 
     def check(self, manifest: Mapping[str, TensorInfo]) -> UpdateCheck:
-        return _Density(manifest, self.fraction)
+        return _Density({n: self.limit(t.size) for n, t in manifest.items()})
 
     def describe(self) -> str:
         ef = "" if self.error_feedback else ", no error feedback"
-        return f"topk(fraction={self.fraction:g}{ef})"
+        per = f", block={self.block}" if self.block is not None else ""
+        return f"topk(fraction={self.fraction:g}{per}{ef})"
 
 
 class _Density(UpdateCheck):
-    def __init__(self, manifest: Mapping[str, TensorInfo], fraction: float) -> None:
-        self.limit = {n: topk_count(t.size, fraction) for n, t in manifest.items()}
+    def __init__(self, limit: dict[str, int]) -> None:
+        self.limit = limit
         self.nonzero: dict[str, int] = {}
 
     def observe(self, name: str, offset: int, values: F32) -> None:
@@ -284,7 +314,7 @@ def uplink_from_spec(stages: Sequence[UplinkStageSpec]) -> UplinkPipeline:
         if st.clip is not None:
             out.append(ClipNorm(st.clip.max_norm))
         elif st.topk is not None:
-            out.append(TopK(st.topk.fraction, st.topk.error_feedback))
+            out.append(TopK(st.topk.fraction, st.topk.error_feedback, st.topk.block_size))
     return UplinkPipeline(out)
 
 

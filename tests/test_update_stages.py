@@ -83,6 +83,28 @@ def test_topk_sends_each_tensors_largest_values_and_owes_the_rest() -> None:
         np.testing.assert_array_equal(stage.residual[name] + sent, v.reshape(-1))
 
 
+def test_topk_per_block_keeps_the_largest_values_of_every_block() -> None:
+    d = deltas(6)
+    u = Update(1, copy(d))
+    stage = TopK(0.1, block=64)
+    stage.apply(u)
+    for name, v in d.items():
+        flat, sent = v.reshape(-1), u.deltas[name].reshape(-1)
+        if flat.size <= 64:  # a tensor no larger than a block: per tensor, as without blocks
+            assert np.count_nonzero(sent) == topk_count(flat.size, 0.1)
+            continue
+        for start in range(0, flat.size, 64):
+            block, got = flat[start : start + 64], sent[start : start + 64]
+            k = min(topk_count(64, 0.1), block.size)
+            want = np.zeros_like(block)
+            top = np.argsort(-np.abs(block), kind="stable")[:k]
+            want[top] = block[top]
+            np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(stage.residual[name] + sent, flat)
+        # The aggregator half allows exactly what the blocks may send, and no more.
+        assert stage.limit(flat.size) == -(-flat.size // 64) * topk_count(64, 0.1)
+
+
 def test_error_feedback_delivers_every_coordinates_mass_over_rounds() -> None:
     stage = TopK(0.05)
     total_in = {k: np.zeros(v.size) for k, v in deltas(0).items()}
@@ -209,6 +231,7 @@ def test_the_spec_composes_the_chain_in_its_order() -> None:
         == "sparse+q2.64+zstd"
     )
     assert built([{"quantize": {"bits": 4}}]) == ("none", "q4.128")
+    assert built([{"topk": {"fraction": 0.02, "blockSize": 4096}}])[0] == "topk(fraction=0.02, block=4096)"
     assert built([{"bf16": {}}, {"zstd": {"level": 9}}]) == ("none", "bf16+zstd")
     assert built([{"zstd": {}}]) == ("none", "raw+zstd")
     assert built([], codec="fp16", zstd=False) == ("none", "fp16")
