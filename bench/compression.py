@@ -28,7 +28,18 @@ from fedjob.modeling import build_model, build_tiny_model, get_state  # noqa: E4
 from fedjob.spec import parse_job  # noqa: E402
 from fedjob.textdata import TextCorpus  # noqa: E402
 
-CODECS = ["raw", "raw+zstd", "fp16", "fp16+zstd", "bf16+zstd", "int8", "int8+zstd"]
+CODECS = [
+    "raw",
+    "raw+zstd",
+    "fp16",
+    "fp16+zstd",
+    "bf16+zstd",
+    "int8",
+    "int8+zstd",
+    "q8.128+zstd",
+    "q4.128+zstd",
+    "q2.128+zstd",
+]
 CHUNK = 1 << 20
 
 
@@ -82,12 +93,12 @@ def main() -> None:
                 measure(delta, "raw")
             raw_s = min(measure(delta, "raw")[2] for _ in range(3))
             print(f"\n{mode}: {params:,} trainable parameters, raw float32 update = {raw_bytes:,} bytes")
-            print(f"{'codec':<11} {'bytes':>12} {'vs raw':>8} {'rel. error':>11} {'time vs raw':>12}")
+            print(f"{'codec':<12} {'bytes':>12} {'vs raw':>8} {'rel. error':>11} {'time vs raw':>12}")
             for name in CODECS:
                 wire, rel, _ = measure(delta, name)
                 seconds = min(measure(delta, name)[2] for _ in range(3))
                 print(
-                    f"{name:<11} {wire:>12,} {raw_bytes / wire:>7.2f}x {rel:>11.2e} {seconds / raw_s:>11.2f}x"
+                    f"{name:<12} {wire:>12,} {raw_bytes / wire:>7.2f}x {rel:>11.2e} {seconds / raw_s:>11.2f}x"
                 )
 
 
