@@ -41,6 +41,11 @@ CHAINS: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]] = {
     "topk2-q2": ([{"topk": {"fraction": 0.02}}, {"quantize": {"bits": 2}}, {"zstd": {}}], {}),
     "topk25-q2": ([{"topk": {"fraction": 0.25}}, {"quantize": {"bits": 2}}, {"zstd": {}}], {}),
     "topk25-q4": ([{"topk": {"fraction": 0.25}}, {"quantize": {"bits": 4}}, {"zstd": {}}], {}),
+    # chunked top-k: a quarter of every block of 128 values
+    "topk25b-q2": (
+        [{"topk": {"fraction": 0.25, "blockSize": 128}}, {"quantize": {"bits": 2}}, {"zstd": {}}],
+        {},
+    ),
     # top-k keeping everything: error feedback on the 2-bit rounding alone
     "ef-q2": ([{"topk": {"fraction": 1.0}}, {"quantize": {"bits": 2}}, {"zstd": {}}], {}),
 }
