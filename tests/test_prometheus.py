@@ -124,6 +124,8 @@ def test_every_dashboard_and_alert_query_returns_data_from_a_real_scrape(
             # Prometheus took to open its TSDB. The test stops the job once the queries have run.
             "rounds": 1000,
             "aggregation": {"minSilos": 2},
+            # A compressed downlink, for the downlink panel's series.
+            "compression": {"downlink": [{"quantize": {"bits": 8}}, {"zstd": {}}]},
         },
     }
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))

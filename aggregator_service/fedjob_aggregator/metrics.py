@@ -105,6 +105,18 @@ class AggregatorMetrics:
         self.compression = Gauge(
             "fedjob_compression_ratio", "Raw update bytes / bytes on the wire.", jl, registry=r
         )
+        self.downlink_debt = Gauge(
+            "fedjob_downlink_debt",
+            "Compressed downlink: L2 norm of what the silos' copy still lacks of the global model.",
+            jl,
+            registry=r,
+        )
+        self.downlink_change_bytes = Gauge(
+            "fedjob_downlink_change_bytes",
+            "Compressed downlink: bytes of the last round's change to the silos' copy.",
+            jl,
+            registry=r,
+        )
         self.rejections = Counter(
             "fedjob_updates_rejected",
             "Updates or chunks refused, by silo and reason.",
@@ -188,6 +200,9 @@ class AggregatorMetrics:
             self.participants.labels(*j).set(fields["num_participants"])
             if fields["compression_ratio"]:
                 self.compression.labels(*j).set(fields["compression_ratio"])
+            if "downlink_debt" in fields:
+                self.downlink_debt.labels(*j).set(fields["downlink_debt"])
+                self.downlink_change_bytes.labels(*j).set(fields["downlink_change_bytes"])
             for silo, loss in fields["silo_train_loss"].items():
                 self.train_loss.labels(*j, silo).set(loss)
                 self.updates.labels(*j, silo).inc()
