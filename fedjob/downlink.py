@@ -142,7 +142,7 @@ class GlobalCopy:
         target: State | None = None
         pending = ""
         for chunk in chunks:
-            if validator is None or self._pass_done(validator):
+            if validator is None or not validator.missing():  # a new pass begins
                 if validator is not None:
                     self._finish(validator, target, pending)
                 whole = not chunk.base
@@ -176,9 +176,6 @@ class GlobalCopy:
             return 0
         self._finish(validator, target, pending)
         return total
-
-    def _pass_done(self, validator: ChunkValidator) -> bool:
-        return not validator.missing()
 
     def _finish(self, validator: ChunkValidator, target: State | None, result: str) -> None:
         missing = validator.missing()

@@ -20,7 +20,7 @@ import pytest
 
 from fedjob.chunking import ChunkValidator, State, assemble, iter_chunks, manifest_of
 from fedjob.codec import Codec
-from fedjob.spec import SpecError, parse_job
+from fedjob.spec import FederatedJob, SpecError, parse_job
 from fedjob.stage_state import StageStateStore, StatefulUplink
 from fedjob.update_stages import (
     ClipNorm,
@@ -285,21 +285,21 @@ def test_impossible_uplinks_are_refused_with_the_field_and_the_rule(
 # ----- the aggregator halves, in the real aggregator ----------------------------------------------
 
 
-def test_the_aggregator_bounds_an_update_to_the_jobs_clip_norm_whatever_the_silo_did(
-    tmp_path: Path, small_state: State
-) -> None:
-    job = parse_job(
+def one_silo_job(**compression: Any) -> FederatedJob:
+    """A job of one silo, alpha, whose uploads are 4 KiB chunks through the given compression."""
+    return parse_job(
         job_doc(
-            compression={
-                "codec": "none",
-                "zstd": False,
-                "chunkBytes": 4096,
-                "uplink": [{"clip": {"maxNorm": 1.0}}],
-            },
+            compression={"chunkBytes": 4096, **compression},
             aggregation={"minSilos": 1, "roundDeadlineSeconds": 600},
             silos=[{"name": "alpha", "data": {"path": "/d"}}],
         )
     )
+
+
+def test_the_aggregator_bounds_an_update_to_the_jobs_clip_norm_whatever_the_silo_did(
+    tmp_path: Path, small_state: State
+) -> None:
+    job = one_silo_job(codec="none", zstd=False, uplink=[{"clip": {"maxNorm": 1.0}}])
     with serve_live(tmp_path, job, small_state) as agg:
         stub = agg.stub("silo-alpha")
         stub.Join(pb.JoinRequest(expected_silo="alpha"))
@@ -320,18 +320,7 @@ def test_the_aggregator_bounds_an_update_to_the_jobs_clip_norm_whatever_the_silo
 def test_a_denser_update_than_the_jobs_topk_is_refused_while_it_streams(
     tmp_path: Path, small_state: State
 ) -> None:
-    job = parse_job(
-        job_doc(
-            compression={
-                "codec": "int8",
-                "zstd": True,
-                "chunkBytes": 4096,
-                "uplink": [{"topk": {"fraction": 0.1}}],
-            },
-            aggregation={"minSilos": 1, "roundDeadlineSeconds": 600},
-            silos=[{"name": "alpha", "data": {"path": "/d"}}],
-        )
-    )
+    job = one_silo_job(codec="int8", zstd=True, uplink=[{"topk": {"fraction": 0.1}}])
     with serve_live(tmp_path, job, small_state) as agg:
         stub = agg.stub("silo-alpha")
         stub.Join(pb.JoinRequest(expected_silo="alpha"))
@@ -359,16 +348,7 @@ def test_a_denser_update_than_the_jobs_topk_is_refused_while_it_streams(
 def test_a_malformed_sparse_chunk_gets_invalid_argument_and_the_round_goes_on(
     tmp_path: Path, small_state: State
 ) -> None:
-    job = parse_job(
-        job_doc(
-            compression={
-                "chunkBytes": 4096,
-                "uplink": [{"topk": {"fraction": 0.1}}, {"quantize": {"bits": 4}}],
-            },
-            aggregation={"minSilos": 1, "roundDeadlineSeconds": 600},
-            silos=[{"name": "alpha", "data": {"path": "/d"}}],
-        )
-    )
+    job = one_silo_job(uplink=[{"topk": {"fraction": 0.1}}, {"quantize": {"bits": 4}}])
     with serve_live(tmp_path, job, small_state) as agg:
         codec = agg.coord.codec
         assert codec.name == "sparse+q4.128"

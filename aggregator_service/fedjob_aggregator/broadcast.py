@@ -86,7 +86,17 @@ class Broadcast:
         self.id = change.result
         return change
 
-    def chain_from(self, have: str) -> list[Path] | None:
+    def stream(self, have: str, chunk_bytes: int) -> Iterator[pb.Chunk]:
+        """What a silo holding copy `have` needs: the changes since it, or the whole copy.
+
+        Call under the caller's lock (the chain is read now; the chunks stream later).
+        """
+        files = self._chain_from(have)
+        if files is None:
+            return full_chunks(self.state, self.id, chunk_bytes)
+        return self._read(files)
+
+    def _chain_from(self, have: str) -> list[Path] | None:
         """The change files that take a copy `have` to the current one, or None (send it whole)."""
         if have == self.id:
             return []
@@ -100,23 +110,17 @@ class Broadcast:
             at = entry[0]
         return list(reversed(files))
 
-    def whole(self, chunk_bytes: int) -> Iterator[pb.Chunk]:
-        return full_chunks(self.state, self.id, chunk_bytes)
-
     @staticmethod
-    def read(path: Path, start_seq: int) -> Iterator[pb.Chunk]:
-        """A stored change, renumbered to continue the stream at `start_seq`."""
-        seq = start_seq
-        with open(path, "rb") as f:
-            while header := f.read(_LENGTH):
-                chunk = pb.Chunk.FromString(f.read(int.from_bytes(header, "little")))
-                chunk.seq = seq
-                seq += 1
-                yield chunk
-
-    def arrays(self) -> State:
-        """The copy for the checkpoint (written before the next change mutates it)."""
-        return self.state
+    def _read(files: list[Path]) -> Iterator[pb.Chunk]:
+        """Stored changes, one after another, renumbered into one stream."""
+        seq = 0
+        for path in files:
+            with open(path, "rb") as f:
+                while header := f.read(_LENGTH):
+                    chunk = pb.Chunk.FromString(f.read(int.from_bytes(header, "little")))
+                    chunk.seq = seq
+                    seq += 1
+                    yield chunk
 
     def error(self, global_state: State) -> float:
         """L2 norm of what the silos' copy still lacks of the global model (the downlink's debt)."""

@@ -263,7 +263,14 @@ class Coordinator:
                 scores = rnd.aggregator.scores(self.strategy)
             finally:
                 rnd.aggregator.close()
-            change = self.broadcast.advance(new_state, rnd.number) if self.broadcast is not None else None
+            # Compressed downlink: one change's bytes, and what the silos' copy still lacks (L2).
+            downlink: dict[str, float] = {}
+            if self.broadcast is not None:
+                change = self.broadcast.advance(new_state, rnd.number)
+                downlink = {
+                    "downlink_change_bytes": change.payload_bytes,
+                    "downlink_debt": self.broadcast.error(new_state),
+                }
             eval_loss = self.evaluate(new_state) if self.evaluate else math.nan
             if last and self.finalize:
                 self.finalize(new_state)
@@ -284,15 +291,7 @@ class Coordinator:
             "silo_bytes_up": dict(sorted(rnd.bytes_up.items())),
             "compression_ratio": rnd.raw_up / sent_up if sent_up else None,
             "rejected_updates": rnd.rejected,
-            # Compressed downlink: one change's bytes, and what the silos' copy still lacks (L2).
-            **(
-                {
-                    "downlink_change_bytes": change.payload_bytes,
-                    "downlink_debt": self.broadcast.error(new_state),
-                }
-                if change is not None and self.broadcast is not None
-                else {}
-            ),
+            **downlink,
             # How each update counted (weight share after caps, norm bound) and how it compared.
             "silo_updates": {sc.silo: sc.record() for sc in sorted(scores, key=lambda sc: sc.silo)},
             "seconds": round(time.time() - rnd.opened, 3),
@@ -322,7 +321,7 @@ class Coordinator:
                 new_state,
                 self.recorder.snapshot(),
                 strategy_state=self.strategy.state(),
-                broadcast=self.broadcast.arrays() if self.broadcast is not None else {},
+                broadcast=self.broadcast.state if self.broadcast is not None else {},
                 extra={"broadcast_id": self.broadcast.id} if self.broadcast is not None else {},
             ),
             then=write_metrics,
@@ -461,21 +460,13 @@ class Coordinator:
         with self.cond:
             rnd = self._round_for(silo, round_number)
             generation = self.generation
-            files = self.broadcast.chain_from(have)
-            chunks = self.broadcast.whole(self.chunk_bytes) if files is None else self._changes(files)
+            chunks = self.broadcast.stream(have, self.chunk_bytes)
         for chunk in chunks:
             if self.generation != generation:
                 raise Refused(
                     "FAILED_PRECONDITION", "stale_round", f"round {round_number} closed during the download"
                 )
             yield self._sent(rnd, silo, chunk)
-
-    def _changes(self, files: list[Path]) -> Iterator[pb.Chunk]:
-        seq = 0
-        for path in files:
-            for chunk in Broadcast.read(path, seq):
-                seq += 1
-                yield chunk
 
     def _sent(self, rnd: RoundState, silo: str, chunk: pb.Chunk) -> pb.Chunk:
         with self.cond:
