@@ -144,6 +144,13 @@ def crd_manifest() -> dict[str, Any]:
                             "description": "the silos' sample-weighted held-out loss of the latest model",
                             "priority": 1,
                         },
+                        {
+                            "name": "Epsilon",
+                            "type": "number",
+                            "jsonPath": ".status.privacy.epsilon",
+                            "description": "differential privacy spent so far (at status.privacy.delta)",
+                            "priority": 1,
+                        },
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                     ],
                     "schema": {"openAPIV3Schema": openapi_schema()},

@@ -62,7 +62,7 @@ def blocks(manifest: Mapping[str, TensorInfo], block: int = BLOCK) -> Iterator[t
         flat += info.size
 
 
-class _Aggregate:
+class ComputedAggregate:
     """A round aggregate already computed into buffers (the `RoundAggregate` a wrapped strategy sees)."""
 
     def __init__(self, mean: State, contributors: list[UpdateMeta], total_weight: float) -> None:
@@ -145,7 +145,7 @@ class CollectingRule(RobustStrategy):
             flat[name][offset : offset + stop - start] = self.combine(rows[chosen])
         metas = [updates.metas[i] for i in chosen]
         # The inner strategy sees an aggregate of equal weights (see the module docstring).
-        return self.inner.apply(global_state, _Aggregate(out, metas, float(len(chosen))), round_number)
+        return self.inner.apply(global_state, ComputedAggregate(out, metas, float(len(chosen))), round_number)
 
     def select(self, updates: CollectedUpdates) -> list[int]:
         """The rows the rule combines (all, unless it drops outliers as whole updates)."""

@@ -17,6 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
+from fedjob.privacy_budget import BudgetError, plan_for
+
 API_VERSION = "fedjob.io/v1alpha1"
 KIND = "FederatedJob"
 
@@ -284,6 +286,12 @@ class AggregationSpec(_Spec):
     )
     outer_momentum: float = Field(0.9, ge=0, lt=1, description="diloco: the outer Nesterov momentum.")
     robust: RobustSpec | None = None
+    silos_per_round: int | None = Field(
+        None,
+        ge=1,
+        description="Silos sampled (uniformly, without replacement) to train each round; the others "
+        "wait. minSilos and the deadline apply to the sampled silos. Default: every silo.",
+    )
     max_weight_share: float = Field(
         1.0,
         gt=0,
@@ -399,6 +407,60 @@ class AggregatorSpec(_Spec):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
 
 
+class AdaptiveClippingSpec(_Spec):
+    """Andrew et al. 2021: the clip norm follows a quantile of the silos' update norms."""
+
+    target_quantile: float = Field(
+        0.5, gt=0, lt=1, description="Share of updates that should fit under the clip norm."
+    )
+    learning_rate: float = Field(
+        0.2, gt=0, le=10, description="Geometric step of the clip norm per round (the paper's 0.2)."
+    )
+    count_stddev: float | None = Field(
+        None,
+        gt=0,
+        description="Std of the noise on the count of unclipped updates (default: silos per round / 20, "
+        "the paper's choice). It spends part of the budget: the update noise grows so that the "
+        "accounted noiseMultiplier holds for both together.",
+    )
+
+
+class DpSpec(_Spec):
+    """Client-level differential privacy (DP-FedAvg, McMahan et al. 2018): each silo's whole update is
+    clipped, Gaussian noise is added to their sum, silos count equally."""
+
+    clip_norm: float = Field(
+        gt=0, description="L2 bound on each silo's update (the initial bound with adaptiveClipping)."
+    )
+    noise_multiplier: float | None = Field(
+        None,
+        gt=0,
+        le=1000,
+        description="Noise std on the sum / clipNorm. Without it, computed from targetEpsilon so that "
+        "every round fits the budget.",
+    )
+    target_epsilon: float | None = Field(
+        None,
+        gt=0,
+        le=1000,
+        description="The budget: the job stops (Succeeded, saying why) before a round would exceed it.",
+    )
+    delta: float = Field(gt=0, lt=1, description="The delta of (epsilon, delta)-DP; below 1 / silos.")
+    noise: Literal["central", "distributed"] = Field(
+        "central",
+        description="central: the aggregator clips and adds the noise. distributed: each silo clips and "
+        "adds its share (std / sqrt(silos per round)), for use with secure aggregation.",
+    )
+    adaptive_clipping: AdaptiveClippingSpec | None = None
+    accountant: Literal["rdp", "pld"] = Field(
+        "rdp", description="dp-accounting's Renyi (rdp) or privacy-loss-distribution (pld) accountant."
+    )
+
+
+class PrivacySpec(_Spec):
+    dp: DpSpec | None = None
+
+
 class ImagesSpec(_Spec):
     aggregator: str | None = Field(None, min_length=1)
     worker: str | None = Field(None, min_length=1)
@@ -414,6 +476,7 @@ class JobSpec(_Spec):
     aggregation: AggregationSpec = Field(default_factory=AggregationSpec)
     compression: CompressionSpec = Field(default_factory=CompressionSpec)
     aggregator: AggregatorSpec = Field(default_factory=AggregatorSpec)
+    privacy: PrivacySpec = Field(default_factory=PrivacySpec)
     images: ImagesSpec = Field(default_factory=ImagesSpec)
     suspend: bool = False
 
@@ -425,6 +488,13 @@ class JobSpec(_Spec):
             raise ValueError(f"silos: names must be unique, repeated: {', '.join(dupes)}")
         if self.aggregation.min_silos > len(self.silos):
             raise ValueError(f"aggregation.minSilos: must be at most the number of silos ({len(self.silos)})")
+        k = self.aggregation.silos_per_round
+        if k is not None and k > len(self.silos):
+            raise ValueError(
+                f"aggregation.silosPerRound: must be at most the number of silos ({len(self.silos)})"
+            )
+        if k is not None and self.aggregation.min_silos > k:
+            raise ValueError(f"aggregation.minSilos: must be at most silosPerRound ({k})")
         for i, s in enumerate(self.silos):
             if s.resources.gpus and s.processes != s.resources.gpus:
                 raise ValueError(
@@ -439,6 +509,7 @@ class JobSpec(_Spec):
                     )
         self._aggregation_rules()
         self._uplink_rules()
+        self._privacy_rules()
         if self.training.mode != "pretrain" and self.model.path is None:
             raise ValueError(
                 f"model.path: training mode {self.training.mode!r} starts from a pretrained model"
@@ -494,6 +565,74 @@ class JobSpec(_Spec):
                 "compression.downlink: scaffold sends each silo its own control variates with the model; "
                 "a compressed downlink carries the shared model only"
             )
+
+    @property
+    def silos_per_round(self) -> int:
+        """Silos that train each round (all of them unless aggregation.silosPerRound says fewer)."""
+        return self.aggregation.silos_per_round or len(self.silos)
+
+    def _privacy_rules(self) -> None:
+        """What differential privacy cannot combine with, named with the reason."""
+        dp, a = self.privacy.dp, self.aggregation
+        if dp is None:
+            return
+        n = len(self.silos)
+        if dp.noise_multiplier is None and dp.target_epsilon is None:
+            raise ValueError("privacy.dp: set noiseMultiplier, targetEpsilon or both")
+        if dp.delta >= 1 / n:
+            raise ValueError(
+                f"privacy.dp.delta: must be below 1 / number of silos ({1 / n:.3g}); a delta that large "
+                "allows releasing one silo's update outright"
+            )
+        if a.robust is not None:
+            why = (
+                "privacy.dp.clipNorm already bounds every update"
+                if a.robust.rule == "normBound"
+                else "it needs the raw updates, and a differentially private sum has noise only on the whole"
+            )
+            raise ValueError(f"aggregation.robust: {a.robust.rule} cannot combine with privacy.dp ({why})")
+        if a.algorithm in ("scaffold", "fednova"):
+            why = (
+                "its control variates would leave the silos unclipped and without noise"
+                if a.algorithm == "scaffold"
+                else "it weighs silos by their own sample and step counts, which the noise does not cover"
+            )
+            raise ValueError(f"aggregation.algorithm: {a.algorithm} cannot combine with privacy.dp ({why})")
+        if a.max_weight_share < 1:
+            raise ValueError(
+                "aggregation.maxWeightShare: privacy.dp weighs every silo equally (a sample-count "
+                "weight would change the sensitivity); leave it at 1"
+            )
+        if any(st.clip is not None for st in self.compression.uplink):
+            raise ValueError(
+                "compression.uplink: a clip stage cannot combine with privacy.dp, whose clipNorm is "
+                "the bound (the silos clip with it when noise is distributed)"
+            )
+        k = self.silos_per_round
+        if dp.noise == "distributed" and dp.adaptive_clipping is not None:
+            raise ValueError(
+                "privacy.dp.adaptiveClipping: needs noise central (with distributed noise the silos "
+                "clip with a fixed clipNorm before adding their share)"
+            )
+        if dp.accountant == "pld" and k < n:
+            raise ValueError(
+                "privacy.dp.accountant: pld does not account sampling a fixed number of silos "
+                "(aggregation.silosPerRound); use rdp"
+            )
+        ac = dp.adaptive_clipping
+        if ac is not None and dp.noise_multiplier is not None:
+            sb = ac.count_stddev or k / 20
+            if dp.noise_multiplier >= 2 * sb:
+                raise ValueError(
+                    f"privacy.dp.adaptiveClipping.countStddev: the count's noise ({sb:.3g}) spends more than "
+                    f"the whole noiseMultiplier {dp.noise_multiplier:g} allows; it needs countStddev > "
+                    f"{dp.noise_multiplier / 2:.3g}"
+                )
+        # The budget: the noise multiplier it needs, or whether the one given fits.
+        try:
+            plan_for(self)
+        except BudgetError as exc:
+            raise ValueError(str(exc)) from None
 
     def _aggregation_rules(self) -> None:
         """Combinations of algorithm and robust rule that cannot work, named with the reason."""

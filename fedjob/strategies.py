@@ -1,6 +1,8 @@
-"""The strategy a job's `spec.aggregation` names: an algorithm, wrapped by a robust rule if any."""
+"""The strategy a job names: an algorithm, wrapped by a robust rule or by differential privacy."""
 
 from __future__ import annotations
+
+import numpy as np
 
 from fedjob.aggregation import (
     DiLoCo,
@@ -14,13 +16,19 @@ from fedjob.aggregation import (
     ServerOptimizer,
     Strategy,
 )
+from fedjob.privacy import DifferentialPrivacy
 from fedjob.robust import CoordinateMedian, MultiKrum, NormBound, TrimmedMean
-from fedjob.spec import AggregationSpec
+from fedjob.spec import AggregationSpec, JobSpec
 
 
-def make_strategy(aggregation: AggregationSpec, num_silos: int) -> Strategy:
-    """The algorithm with its parameters; a robust rule wraps it, and a norm bound wraps that."""
-    strategy = _algorithm(aggregation, num_silos)
+def make_strategy(spec: JobSpec, noise_rng: np.random.Generator | None = None) -> Strategy:
+    """The algorithm with its parameters; a robust rule wraps it and a norm bound wraps that, or
+    differential privacy wraps it (the spec refuses both at once). `noise_rng` is for tests: DP
+    noise otherwise comes from the operating system's entropy."""
+    aggregation = spec.aggregation
+    strategy = _algorithm(aggregation, len(spec.silos))
+    if spec.privacy.dp is not None:
+        return DifferentialPrivacy(strategy, spec, noise_rng)
     r = aggregation.robust
     if r is None:
         return strategy

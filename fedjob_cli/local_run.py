@@ -31,7 +31,8 @@ from rich.table import Table
 from fedjob.modeling import result_folder
 from fedjob.spec import FederatedJob
 from fedjob.tls import write_job_certs
-from fedjob.update_stages import uplink_codec, uplink_from_spec
+from fedjob.update_stages import uplink_codec
+from fedjob.uplink import job_uplink
 from fedjob.v1 import fedjob_pb2 as pb
 from fedjob.v1 import fedjob_pb2_grpc as pb_grpc
 from fedjob_cli.parent_watch import ENV as PARENT_ENV
@@ -273,7 +274,7 @@ class LocalRun:
 
     def _uplink(self) -> str:
         comp = self.job.spec.compression
-        stages = uplink_from_spec(comp.uplink)
+        stages = job_uplink(self.job.spec)
         codec = uplink_codec(comp).name
         return f"{stages.name} -> {codec}" if stages.stages else codec
 

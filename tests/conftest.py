@@ -116,7 +116,7 @@ def serve_live(
     """A real aggregator for `job` (its strategy over `state`) on loopback with mTLS, until the block ends."""
     small_state = state
     certs = write_job_certs(tmp_path / "certs", job.name, job.silo_names())
-    strategy = make_strategy(job.spec.aggregation, len(job.spec.silos))
+    strategy = make_strategy(job.spec)
     coord = Coordinator(job, strategy, small_state, tmp_path / "work")
     metrics = AggregatorMetrics(job)
     servicer = FederatedTrainingServicer(job, coord, metrics, watch)

@@ -318,7 +318,7 @@ def test_implausible_headers_are_refused_and_the_round_goes_on(
 
 def test_robust_rules_wrap_the_algorithm() -> None:
     def built(aggregation: dict[str, Any]) -> str:
-        return make_strategy(parse_job(robust_doc(aggregation)).spec.aggregation, 5).name
+        return make_strategy(parse_job(robust_doc(aggregation)).spec).name
 
     assert built({"minSilos": 5, "robust": {"rule": "median"}}) == "median(fedavg)"
     krum = {"algorithm": "fedadam", "minSilos": 5, "robust": {"rule": "multiKrum"}}

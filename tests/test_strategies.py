@@ -129,13 +129,13 @@ def test_diloco_is_nesterov_sgd_on_the_mean_delta_and_its_momentum_survives_a_re
 
 def test_the_spec_chooses_the_strategy_and_its_parameters() -> None:
     job = parse_job(job_doc(aggregation={"algorithm": "fedyogi", "serverLearningRate": 0.2, "tau": 0.01}))
-    s = make_strategy(job.spec.aggregation, 3)
+    s = make_strategy(job.spec)
     assert isinstance(s, FedYogi) and s.lr == 0.2 and s.tau == 0.01
-    assert isinstance(make_strategy(parse_job(job_doc()).spec.aggregation, 3), FedAvg)
-    scaffold = make_strategy(parse_job(job_doc(aggregation={"algorithm": "scaffold"})).spec.aggregation, 3)
-    assert isinstance(scaffold, Scaffold) and scaffold.num_silos == 3
+    assert isinstance(make_strategy(parse_job(job_doc()).spec), FedAvg)
+    scaffold = make_strategy(parse_job(job_doc(aggregation={"algorithm": "scaffold"})).spec)
+    assert isinstance(scaffold, Scaffold) and scaffold.num_silos == 2  # job_doc's silos
     diloco = make_strategy(
-        parse_job(job_doc(aggregation={"algorithm": "diloco", "outerLearningRate": 0.5})).spec.aggregation, 3
+        parse_job(job_doc(aggregation={"algorithm": "diloco", "outerLearningRate": 0.5})).spec
     )
     assert isinstance(diloco, DiLoCo) and (diloco.lr, diloco.momentum) == (0.5, 0.9)
 

@@ -33,9 +33,11 @@ from fedjob.checkpoint import Checkpoint, CheckpointStore, CheckpointWriter
 from fedjob.chunking import State, TensorInfo, count_chunks, iter_chunks, manifest_of
 from fedjob.codec import DOWNLOAD_CODEC, Codec
 from fedjob.downlink import downlink_encoder
+from fedjob.privacy import differential_privacy
 from fedjob.robust import CoordinateSample
 from fedjob.spec import FederatedJob
-from fedjob.update_stages import uplink_codec, uplink_from_spec
+from fedjob.update_stages import uplink_codec
+from fedjob.uplink import job_uplink
 from fedjob.v1 import fedjob_pb2 as pb
 from fedjob_aggregator.broadcast import Broadcast
 from fedjob_aggregator.claims import Claims
@@ -103,13 +105,18 @@ class Coordinator:
             manifest=self.manifest,
             upload_manifest=self.upload_manifest,
             # The silos' uplink stages: their aggregator halves check every upload.
-            uplink=uplink_from_spec(job.spec.compression.uplink),
+            uplink=job_uplink(job.spec),
             spool_dir=self.spool_dir,
             observe=self.observe,
         )
         self.phase = "Running"
         self.message = ""
         self.rejected_total = 0
+        self.dp = differential_privacy(strategy)
+        # Which silos train: reproducible from the job's seed, except under differential privacy,
+        # whose amplification by sampling assumes nobody can predict the sample.
+        self._sampling_rng = np.random.default_rng() if self.dp is not None else None
+        self.budget_stop: int | None = None  # the round after which the privacy budget ended the job
         ckpt = self.store.load()
         if ckpt is None:
             # The coordinator reuses the global model's buffers: it owns what a function returns,
@@ -132,6 +139,7 @@ class Coordinator:
         self.generation = 0
         self._spare: State | None = None  # the previous global's buffers, for the next sum
         self.strategy.load_state(ckpt.strategy_state)
+        self._check_budget()
         # The compressed downlink's copy: what the silos hold (from the checkpoint, or the model).
         self.broadcast: Broadcast | None = None
         encoder = downlink_encoder(job.spec.compression)
@@ -147,9 +155,41 @@ class Coordinator:
         self.seen: set[str] = set()  # silos that called in since this process started
         self._first_round = True
         self.evaluates = self.claims.evaluates
-        if self.completed >= self.spec.rounds and (self.final_evaluation_done or not self.evaluates):
+        if self.completed >= self.final_round and (self.final_evaluation_done or not self.evaluates):
             self.phase = "Succeeded"
         log.info("job %s: resuming after round %d of %d", job.name, self.completed, self.spec.rounds)
+        if self.dp is not None:
+            self.observe("privacy", self.privacy_fields())
+
+    @property
+    def final_round(self) -> int:
+        """The last training round: spec.rounds, or earlier when the privacy budget ran out."""
+        return self.budget_stop if self.budget_stop is not None else self.spec.rounds
+
+    def _check_budget(self) -> None:
+        """Stop before a round that would take epsilon past privacy.dp.targetEpsilon."""
+        if self.dp is None or self.completed >= self.spec.rounds or not self.dp.would_exceed():
+            return
+        self.budget_stop = self.completed
+        self.message = (
+            f"privacy budget spent: stopped after round {self.completed} of {self.spec.rounds} at epsilon "
+            f"{self.dp.epsilon:.4g} (delta {self.dp.delta:g}); another round would exceed targetEpsilon "
+            f"{self.dp.target_epsilon:g}"
+        )
+        log.warning(self.message)
+
+    def privacy_fields(self) -> dict[str, float]:
+        """epsilon so far, for the round's record, status and metrics (differential privacy only)."""
+        assert self.dp is not None
+        out = {
+            "dp_epsilon": self.dp.epsilon,
+            "dp_delta": self.dp.delta,
+            "dp_noise_multiplier": self.dp.noise_multiplier,
+            "dp_clip_norm": self.dp.clip_norm,
+        }
+        if self.dp.target_epsilon is not None:
+            out["dp_target_epsilon"] = self.dp.target_epsilon
+        return out
 
     @property
     def history(self) -> list[dict[str, Any]]:
@@ -166,21 +206,33 @@ class Coordinator:
         # clock starts (pods may still be scheduling, silos backing off), at most one deadline.
         waiting = self._first_round and len(self.seen) < self.spec.aggregation.min_silos
         self._first_round = False
-        evaluation_only = number > self.spec.rounds
+        evaluation_only = number > self.final_round
+        sampled = frozenset(self.silos) if evaluation_only else self._sample(number)
         self.current = RoundState(
             number=number,
             opened=now,
             deadline=now + (2 * limit if waiting else limit),
             aggregator=self._round_aggregator(number, evaluation_only),
+            sampled=sampled,
             clock_started=not waiting,
             evaluation_only=evaluation_only,
         )
         self._spare = None
-        for s in self.silos.values():
-            s.state = "waiting" if s.state != "absent" else "absent"
+        for name, s in self.silos.items():
+            if s.state != "absent":
+                s.state = "waiting" if name in sampled else "resting"
         log.info("round %d open (deadline in %.0f s)", number, self.spec.aggregation.round_deadline_seconds)
         self.observe("round_open", {"round": number})
         self.cond.notify_all()
+
+    def _sample(self, number: int) -> frozenset[str]:
+        """The silos that train in round `number`: aggregation.silosPerRound of them, uniformly."""
+        names = list(self.silos)
+        k = self.spec.silos_per_round
+        if k >= len(names):
+            return frozenset(names)
+        rng = self._sampling_rng or np.random.default_rng([self.spec.training.seed, number])
+        return frozenset(str(x) for x in rng.choice(names, size=k, replace=False))
 
     def _round_aggregator(self, number: int, evaluation_only: bool) -> RoundAggregator:
         if evaluation_only:  # the final evaluation folds nothing
@@ -219,7 +271,7 @@ class Coordinator:
         return self._round_over(rnd) or stop.is_set()
 
     def _round_over(self, rnd: RoundState) -> bool:
-        return len(rnd.reported) == len(self.silos) or time.time() >= rnd.deadline
+        return len(rnd.reported) == len(rnd.sampled) or time.time() >= rnd.deadline
 
     def _close_round(self, rnd: RoundState) -> None:
         """Called with the lock held; releases it for the slow parts."""
@@ -234,7 +286,7 @@ class Coordinator:
         # A completed upload being folded right now still counts: it arrived in time.
         self.cond.wait_for(lambda: rnd.folding == 0)
         self.uploads.drop_unfinished(rnd, "round closed before the upload completed")
-        missing = sorted(set(self.silos) - set(rnd.reported))
+        missing = sorted(rnd.sampled - set(rnd.reported))
         for silo in missing:
             self.silos[silo].state = "missed"
         needed = self.spec.aggregation.min_silos
@@ -250,7 +302,6 @@ class Coordinator:
             self.current = None
             return
         started = time.time()
-        last = rnd.number >= self.spec.rounds
         old_state = self.global_state
         self.cond.release()
         try:
@@ -263,6 +314,10 @@ class Coordinator:
                 scores = rnd.aggregator.scores(self.strategy)
             finally:
                 rnd.aggregator.close()
+            # The last round: the spec's, or this one when the privacy budget allows no other.
+            privacy = self.privacy_fields() if self.dp is not None else {}
+            out_of_budget = self.dp is not None and rnd.number < self.spec.rounds and self.dp.would_exceed()
+            last = rnd.number >= self.spec.rounds or out_of_budget
             # Compressed downlink: one change's bytes, and what the silos' copy still lacks (L2).
             downlink: dict[str, float] = {}
             if self.broadcast is not None:
@@ -291,7 +346,9 @@ class Coordinator:
             "silo_bytes_up": dict(sorted(rnd.bytes_up.items())),
             "compression_ratio": rnd.raw_up / sent_up if sent_up else None,
             "rejected_updates": rnd.rejected,
+            **({"sampled": sorted(rnd.sampled)} if len(rnd.sampled) < len(self.silos) else {}),
             **downlink,
+            **privacy,
             # How each update counted (weight share after caps, norm bound) and how it compared.
             "silo_updates": {sc.silo: sc.record() for sc in sorted(scores, key=lambda sc: sc.silo)},
             "seconds": round(time.time() - rnd.opened, 3),
@@ -313,6 +370,8 @@ class Coordinator:
         self._spare = old_state
         self.completed = rnd.number
         self.current = None
+        if out_of_budget:
+            self._check_budget()
         # The write runs beside the next round; the next close waits for it, so a crash
         # loses at most the round in flight. The metrics line follows the checkpoint.
         self.writer.submit(
@@ -412,6 +471,7 @@ class Coordinator:
                     and not rnd.closing
                     and rnd.number > after_round
                     and silo not in rnd.reported
+                    and silo in rnd.sampled
                 ):
                     if rnd.evaluation_only:
                         self.silos[silo].state = "evaluating"
@@ -488,6 +548,12 @@ class Coordinator:
             raise Refused(
                 "OUT_OF_RANGE", "future_round", f"round {round_number} is not open; round {rnd.number} is"
             )
+        if silo not in rnd.sampled:
+            raise Refused(
+                "FAILED_PRECONDITION",
+                "not_sampled",
+                f"{silo} is not among round {rnd.number}'s sampled silos",
+            )
         return rnd
 
     def count_rejection(self, silo: str) -> None:
@@ -511,7 +577,7 @@ class Coordinator:
                     compression_ratio=last["compression_ratio"] or 0.0,
                     seconds=last["seconds"],
                 )
-            return pb.JobStatus(
+            status = pb.JobStatus(
                 job=self.job.name,
                 phase=self.phase,
                 round=self.completed,
@@ -522,6 +588,13 @@ class Coordinator:
                 updates_rejected=self.rejected_total,
                 **self.recorder.latest_federated_eval(),
             )
+            if self.dp is not None:
+                status.dp = True
+                status.dp_epsilon = self.dp.epsilon
+                status.dp_delta = self.dp.delta
+                status.dp_target_epsilon = self.dp.target_epsilon or 0.0
+                status.privacy_budget_spent = self.budget_stop is not None
+            return status
 
 
 def _silo_status(name: str, s: SiloState) -> pb.SiloStatus:

@@ -45,6 +45,8 @@ REASONS = (
     "too_many_calls",
     "idle_stream",
     "too_dense",
+    "not_sampled",
+    "noise_missing",
 )
 
 
@@ -117,6 +119,25 @@ class AggregatorMetrics:
             jl,
             registry=r,
         )
+        # Differential privacy (set only for jobs with spec.privacy.dp).
+        self.dp_epsilon = Gauge(
+            "fedjob_dp_epsilon",
+            "Privacy spent so far: epsilon at fedjob_dp_delta over the rounds released (dp-accounting).",
+            jl,
+            registry=r,
+        )
+        self.dp_delta = Gauge(
+            "fedjob_dp_delta", "The delta of the job's (epsilon, delta)-DP.", jl, registry=r
+        )
+        self.dp_target_epsilon = Gauge(
+            "fedjob_dp_target_epsilon",
+            "privacy.dp.targetEpsilon: the job stops before a round would exceed it.",
+            jl,
+            registry=r,
+        )
+        self.dp_clip_norm = Gauge(
+            "fedjob_dp_clip_norm", "The clip norm in force (adaptive clipping moves it).", jl, registry=r
+        )
         self.rejections = Counter(
             "fedjob_updates_rejected",
             "Updates or chunks refused, by silo and reason.",
@@ -180,6 +201,14 @@ class AggregatorMetrics:
         for p in PHASES:
             self.phase.labels(self.job, p).set(1 if p == phase else 0)
 
+    def set_privacy(self, fields: dict[str, Any]) -> None:
+        j = (self.job,)
+        self.dp_epsilon.labels(*j).set(fields["dp_epsilon"])
+        self.dp_delta.labels(*j).set(fields["dp_delta"])
+        self.dp_clip_norm.labels(*j).set(fields["dp_clip_norm"])
+        if "dp_target_epsilon" in fields:
+            self.dp_target_epsilon.labels(*j).set(fields["dp_target_epsilon"])
+
     def rejected(self, silo: str, reason: str) -> None:
         self.rejections.labels(self.job, silo, reason).inc()
         self.rejections_by_reason.labels(self.job, reason).inc()
@@ -213,6 +242,10 @@ class AggregatorMetrics:
                 self.update_cosine.labels(*j, silo).set(sc["cosine"])
                 self.update_norm_zscore.labels(*j, silo).set(sc["norm_zscore"])
                 self.weight_share.labels(*j, silo).set(sc["weight_share"])
+            if "dp_epsilon" in fields:
+                self.set_privacy(fields)
+        elif event == "privacy":
+            self.set_privacy(fields)
         elif event == "federated_eval":
             self.federated_eval_loss.labels(*j).set(fields["federated_eval_loss"])
             self.federated_eval_round.labels(*j).set(fields["round"])

@@ -44,6 +44,7 @@ class RoundState:
     opened: float
     deadline: float
     aggregator: RoundAggregator
+    sampled: frozenset[str]  # the silos that take part (aggregation.silosPerRound; else all)
     reported: dict[str, UpdateMeta] = field(default_factory=dict)
     in_flight: dict[str, UploadSession] = field(default_factory=dict)
     bytes_up: dict[str, int] = field(default_factory=dict)

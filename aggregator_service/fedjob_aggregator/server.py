@@ -156,7 +156,7 @@ def serve(job: FederatedJob, opts: AggregatorOptions) -> int:
     metrics = AggregatorMetrics(job)
     coord = Coordinator(
         job,
-        make_strategy(job.spec.aggregation, len(job.spec.silos)),
+        make_strategy(job.spec),
         hooks.initial_state,
         opts.workdir,
         evaluate=hooks.evaluate if hooks.batches else None,

@@ -379,6 +379,19 @@ def status_from(
         }
     elif "federatedEval" in old:
         status["federatedEval"] = old["federatedEval"]
+    if agg is not None and agg.dp:
+        status["privacy"] = {
+            "epsilon": round(float(agg.dp_epsilon), 6),
+            "delta": float(agg.dp_delta),
+            **({"targetEpsilon": float(agg.dp_target_epsilon)} if agg.dp_target_epsilon else {}),
+        }
+    elif "privacy" in old:
+        status["privacy"] = old["privacy"]
+    # The aggregator says why it stopped early; once it is gone, the condition it left says so.
+    was: dict[str, Any] = next((c for c in old.get("conditions", []) if c.get("type") == "Succeeded"), {})
+    budget_spent = agg.privacy_budget_spent if agg is not None else was.get("reason") == "PrivacyBudgetSpent"
+    if budget_spent and not message:
+        message = str(was.get("message", ""))
     if phase in ("Succeeded", "Failed"):
         status["completionTime"] = old.get("completionTime") or now()
     conds = [
@@ -397,8 +410,10 @@ def status_from(
         condition(
             "Succeeded",
             phase == "Succeeded",
-            "AllRoundsDone" if phase == "Succeeded" else "InProgress",
-            f"{rounds_done}/{total} rounds",
+            ("PrivacyBudgetSpent" if budget_spent else "AllRoundsDone")
+            if phase == "Succeeded"
+            else "InProgress",
+            message if phase == "Succeeded" and budget_spent else f"{rounds_done}/{total} rounds",
         ),
         condition(
             "Failed",

@@ -24,7 +24,8 @@ from fedjob.spec import FederatedJob
 from fedjob.stage_state import StageStateStore, StatefulUplink
 from fedjob.strategies import make_strategy
 from fedjob.tls import CertFiles
-from fedjob.update_stages import Update, uplink_codec, uplink_from_spec
+from fedjob.update_stages import Update, uplink_codec
+from fedjob.uplink import job_uplink
 from fedjob.v1 import fedjob_pb2 as pb
 
 log = logging.getLogger("fedjob.worker")
@@ -154,7 +155,7 @@ def _rank_main(job: FederatedJob, opts: WorkerOptions, rank: int, world: int, po
     download_codec = Codec.from_name(DOWNLOAD_CODEC)
     manifest = trainer.manifest()  # loads the model and builds the engine, once for the whole job
     # Tensors the job's algorithm adds to the stream (SCAFFOLD's control variates).
-    strategy = make_strategy(job.spec.aggregation, len(job.spec.silos))
+    strategy = make_strategy(job.spec)
     download_manifest = {**manifest, **strategy.download_extras_manifest(manifest)}
     # Compressed downlink: rank 0 keeps the global copy and receives its changes.
     encoder = downlink_encoder(comp)
@@ -165,7 +166,7 @@ def _rank_main(job: FederatedJob, opts: WorkerOptions, rank: int, world: int, po
     uplink: StatefulUplink | None = None
     if rank == 0:
         uplink = StatefulUplink(
-            uplink_from_spec(comp.uplink), StageStateStore(opts.state) if opts.state is not None else None
+            job_uplink(job.spec), StageStateStore(opts.state) if opts.state is not None else None
         )
         if uplink.pipeline.stages:
             log.info(
