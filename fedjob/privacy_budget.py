@@ -116,8 +116,9 @@ class Plan:
 
     noise_multiplier: float  # accounted (the spec's, or calibrated for targetEpsilon)
     calibrated: bool
-    rounds: int
-    epsilon: float  # after every round
+    rounds: int  # spec.rounds
+    within_budget: int  # the rounds targetEpsilon allows (rounds when it allows all)
+    epsilon: float  # after within_budget rounds
     delta: float
     mechanism: Mechanism
 
@@ -128,9 +129,16 @@ class Plan:
             if self.mechanism.sampled
             else ""
         )
+        stop = (
+            f"; the budget allows {self.within_budget} of {self.rounds} rounds: the job stops after round "
+            f"{self.within_budget}"
+            if self.within_budget < self.rounds
+            else ""
+        )
         return (
             f"noise multiplier {self.noise_multiplier:.4g} ({how}){sampled}; epsilon {self.epsilon:.4g} at "
-            f"delta {self.delta:g} after {self.rounds} rounds ({self.mechanism.accountant} accountant)"
+            f"delta {self.delta:g} after {self.within_budget} rounds ({self.mechanism.accountant} "
+            f"accountant){stop}"
         )
 
 
@@ -163,15 +171,18 @@ def _plan(
 ) -> Plan:
     if noise_multiplier is not None:
         eps = mech.epsilon(Counter({noise_multiplier: rounds}), delta)
-        if target is not None and eps > target:
-            fits = _rounds_within(mech, noise_multiplier, target, delta, rounds)
-            needed = _calibrate(mech, rounds, target, delta)
+        if target is None or eps <= target:
+            return Plan(noise_multiplier, False, rounds, rounds, eps, delta, mech)
+        # Train with this noise until the budget is spent: the job stops after `fits` rounds.
+        fits = _rounds_within(mech, noise_multiplier, target, delta, rounds)
+        if fits == 0:
+            needed = _calibrate(mech, 1, target, delta)
             raise BudgetError(
-                f"privacy.dp.targetEpsilon: {rounds} rounds at noiseMultiplier {noise_multiplier:g} spend "
-                f"epsilon {eps:.4g} > {target:g}; the budget allows {fits} rounds (set rounds to {fits}, "
-                f"or noiseMultiplier to {needed:.4g}, or leave it out to have it computed)"
+                f"privacy.dp.targetEpsilon: a single round at noiseMultiplier {noise_multiplier:g} spends "
+                f"more than epsilon {target:g}; it needs noiseMultiplier >= {needed:.4g}"
             )
-        return Plan(noise_multiplier, False, rounds, eps, delta, mech)
+        fit_eps = mech.epsilon(Counter({noise_multiplier: fits}), delta)
+        return Plan(noise_multiplier, False, rounds, fits, fit_eps, delta, mech)
     assert target is not None
     z = _calibrate(mech, rounds, target, delta)
     if count_stddev is not None and z >= 2 * count_stddev:
@@ -180,7 +191,7 @@ def _plan(
             f"{z:.4g}, which the count's noise ({count_stddev:.3g}) alone exceeds; it needs countStddev > "
             f"{z / 2:.4g}"
         )
-    return Plan(z, True, rounds, mech.epsilon(Counter({z: rounds}), delta), delta, mech)
+    return Plan(z, True, rounds, rounds, mech.epsilon(Counter({z: rounds}), delta), delta, mech)
 
 
 def _calibrate(mech: Mechanism, rounds: int, target: float, delta: float) -> float:

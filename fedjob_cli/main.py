@@ -39,6 +39,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
         f"{args.file}: valid FederatedJob {job.name!r} ({len(job.spec.silos)} silos, "
         f"{job.spec.rounds} rounds, mode {job.spec.training.mode})"
     )
+    if job.spec.aggregation.silos_per_round is not None:
+        print(f"  sampling: {job.spec.silos_per_round} of {len(job.spec.silos)} silos train each round")
+    if job.spec.privacy.dp is not None:
+        from fedjob.privacy_budget import plan_for
+
+        dp = job.spec.privacy.dp
+        plan = plan_for(job.spec).describe()
+        print(f"  differential privacy ({dp.noise} noise, clip norm {dp.clip_norm:g}): {plan}")
     return 0
 
 

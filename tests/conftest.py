@@ -19,6 +19,7 @@ from fedjob_aggregator.metrics import AggregatorMetrics
 from fedjob_aggregator.server import build_server
 from fedjob_aggregator.servicer import FederatedTrainingServicer
 
+from fedjob.aggregation import Strategy
 from fedjob.spec import FederatedJob, parse_job
 from fedjob.strategies import make_strategy
 from fedjob.tls import CertFiles, write_job_certs
@@ -111,14 +112,19 @@ def live_aggregator(tmp_path: Path, small_state: dict[str, np.ndarray]) -> Itera
 
 @contextlib.contextmanager
 def serve_live(
-    tmp_path: Path, job: FederatedJob, state: dict[str, np.ndarray], watch: IdleWatch | None = None
+    tmp_path: Path,
+    job: FederatedJob,
+    state: dict[str, np.ndarray],
+    watch: IdleWatch | None = None,
+    strategy: Strategy | None = None,
 ) -> Iterator[LiveAggregator]:
-    """A real aggregator for `job` (its strategy over `state`) on loopback with mTLS, until the block ends."""
+    """A real aggregator for `job` (its strategy over `state`, unless given) on loopback with mTLS,
+    until the block ends; in `tmp_path`, so a second one there resumes from the first's checkpoint."""
     small_state = state
     certs = write_job_certs(tmp_path / "certs", job.name, job.silo_names())
-    strategy = make_strategy(job.spec)
-    coord = Coordinator(job, strategy, small_state, tmp_path / "work")
+    strategy = strategy or make_strategy(job.spec)
     metrics = AggregatorMetrics(job)
+    coord = Coordinator(job, strategy, small_state, tmp_path / "work", observe=metrics.observe)
     servicer = FederatedTrainingServicer(job, coord, metrics, watch)
     server, port, _ = build_server(job, servicer, certs, "127.0.0.1", 0)
     server.start()

@@ -42,6 +42,7 @@ def test_printer_columns_and_short_name() -> None:
         "Round",
         "Silos",
         "Eval",
+        "Epsilon",
         "Age",
     ]
     assert crd_manifest()["spec"]["names"]["shortNames"] == ["fj"]
