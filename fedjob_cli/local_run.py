@@ -238,7 +238,7 @@ class LocalRun:
                 w.stop()
             self.aggregator.stop()
             self.channel.close()
-        return self._summary(started)
+        return self._summary(started, last)
 
     def _restart_failed_workers(self, last: pb.JobStatus | None) -> None:
         """A silo that crashed is started again, like a Kubernetes Job retrying its pod."""
@@ -266,9 +266,10 @@ class LocalRun:
             ev = "" if math.isnan(lr.eval_loss) else f" eval {lr.eval_loss:.4f}"
             if st.federated_eval_round:
                 ev += f" | held-out at silos {st.federated_eval_loss:.4f} (round {st.federated_eval_round})"
+            dp = f" | epsilon {st.dp_epsilon:.3g}" if st.dp else ""
             tail = (
                 f" | train {lr.train_loss:.4f}{ev} | {lr.participants} silos | up {lr.bytes_up:,} B"
-                f" (x{lr.compression_ratio:.1f}) | {lr.seconds:.1f} s"
+                f" (x{lr.compression_ratio:.1f}){dp} | {lr.seconds:.1f} s"
             )
         return f"[{time.time() - started:6.1f}s] round {st.round}/{st.total_rounds} {st.phase}{tail}"
 
@@ -336,13 +337,16 @@ class LocalRun:
                 f"federated eval: {st.federated_eval_loss:.4f} (the silos' held-out text, "
                 f"sample-weighted; model after round {st.federated_eval_round})"
             )
+        if st.dp:
+            target = f" of target {st.dp_target_epsilon:g}" if st.dp_target_epsilon else ""
+            parts.append(f"privacy: epsilon {st.dp_epsilon:.4g}{target} spent (delta {st.dp_delta:g})")
         if st.updates_rejected:
             parts.append(
                 f"[yellow]{st.updates_rejected} updates or chunks refused (see logs/aggregator.log)[/]"
             )
         return Group(*parts)
 
-    def _summary(self, started: float) -> int:
+    def _summary(self, started: float, last: pb.JobStatus | None) -> int:
         metrics = self.out / "metrics.jsonl"
         history = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
         if history:
@@ -355,6 +359,7 @@ class LocalRun:
             "federated eval",
             "bytes up",
             "ratio",
+            *(["epsilon"] if self.job.spec.privacy.dp else []),
             "seconds",
             title=f"{self.job.name}: per-round results",
         )
@@ -370,12 +375,17 @@ class LocalRun:
                 "-" if r.get("federated_eval_loss") is None else f"{r['federated_eval_loss']:.4f}",
                 f"{r['bytes_up']:,}",
                 f"{r['compression_ratio'] or 0:.2f}",
+                *([f"{r['dp_epsilon']:.3f}"] if self.job.spec.privacy.dp else []),
                 f"{r['seconds']:.1f}",
             )
         self.console.print(table)
-        done = len(history) >= self.job.spec.rounds
+        # Done: every round, or as many as the privacy budget allowed (the aggregator says which).
+        stopped_early = last is not None and last.privacy_budget_spent
+        done = len(history) >= self.job.spec.rounds or (stopped_early and last.phase == "Succeeded")
         result = self.out / result_folder(self.job)
         elapsed = time.time() - started
+        if stopped_early and last is not None:
+            self.console.print(f"[yellow]{last.message}[/]")
         if done and result.exists():
             self.console.print(
                 f"[green]Succeeded[/] in {elapsed:.0f} s. Result: {result}; metrics: {metrics}; "
