@@ -381,7 +381,7 @@ class LocalRun:
         self.console.print(table)
         # Done: every round, or as many as the privacy budget allowed (the aggregator says which).
         stopped_early = last is not None and last.privacy_budget_spent
-        done = len(history) >= self.job.spec.rounds or (stopped_early and last.phase == "Succeeded")
+        done = len(history) >= self.job.spec.rounds or stopped_early
         result = self.out / result_folder(self.job)
         elapsed = time.time() - started
         if stopped_early and last is not None:
