@@ -184,6 +184,7 @@ class LocalRun:
         for w in self.workers:
             w.start()
         last: pb.JobStatus | None = None
+        succeeded = False
         shown_round = -1
         live = (
             Live(self._view(None, started), console=self.console, refresh_per_second=4)
@@ -211,6 +212,7 @@ class LocalRun:
                 if rc is None:
                     continue
                 if rc == 0 or (last is not None and last.phase == "Failed"):
+                    succeeded = rc == 0  # the aggregator exits 0 only when the job succeeded
                     break
                 if self.aggregator.restarts >= self.max_restarts:
                     self.console.print(
@@ -238,7 +240,7 @@ class LocalRun:
                 w.stop()
             self.aggregator.stop()
             self.channel.close()
-        return self._summary(started, last)
+        return self._summary(started, succeeded)
 
     def _restart_failed_workers(self, last: pb.JobStatus | None) -> None:
         """A silo that crashed is started again, like a Kubernetes Job retrying its pod."""
@@ -346,7 +348,7 @@ class LocalRun:
             )
         return Group(*parts)
 
-    def _summary(self, started: float, last: pb.JobStatus | None) -> int:
+    def _summary(self, started: float, succeeded: bool) -> int:
         metrics = self.out / "metrics.jsonl"
         history = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
         if history:
@@ -379,13 +381,15 @@ class LocalRun:
                 f"{r['seconds']:.1f}",
             )
         self.console.print(table)
-        # Done: every round, or as many as the privacy budget allowed (the aggregator says which).
-        stopped_early = last is not None and last.privacy_budget_spent
-        done = len(history) >= self.job.spec.rounds or stopped_early
+        # Done: every round, or as many as the privacy budget allowed.
+        done = len(history) >= self.job.spec.rounds or (succeeded and self.job.spec.privacy.dp is not None)
         result = self.out / result_folder(self.job)
         elapsed = time.time() - started
-        if stopped_early and last is not None:
-            self.console.print(f"[yellow]{last.message}[/]")
+        if done and history and len(history) < self.job.spec.rounds:
+            self.console.print(
+                f"[yellow]privacy budget spent: stopped after round {len(history)} of {self.job.spec.rounds} "
+                f"at epsilon {history[-1]['dp_epsilon']:.4g}; another round would exceed targetEpsilon[/]"
+            )
         if done and result.exists():
             self.console.print(
                 f"[green]Succeeded[/] in {elapsed:.0f} s. Result: {result}; metrics: {metrics}; "

@@ -309,3 +309,45 @@ def test_every_mode_trains_under_deepspeed_and_sends_only_its_trainable_deltas(
         }
     for name in final.files:
         np.testing.assert_allclose(got[name], final[name], atol=1e-6, err_msg=name)
+
+
+def test_a_private_job_with_sampled_silos_stops_when_its_budget_is_spent(
+    assets: Path, tmp_path: Path
+) -> None:
+    """Distributed noise (each silo clips and adds its share), 2 of 3 silos per round, and a
+    budget that allows 3 of the 4 rounds: the job succeeds after round 3 and says why."""
+    import dp_accounting as dpa
+    from dp_accounting import rdp
+
+    spec = two_silo_spec(
+        assets,
+        {"mode": "lora", "learningRate": 0.01, "lora": {"r": 4}, "deepspeed": {"zeroStage": 1}},
+        rounds=4,
+        aggregation={"minSilos": 2, "silosPerRound": 2},
+        privacy={
+            "dp": {
+                "clipNorm": 0.5,
+                "noiseMultiplier": 3.0,
+                "targetEpsilon": 6.0,
+                "delta": 1e-5,
+                "noise": "distributed",
+            }
+        },
+    )
+    spec["silos"].append({"name": "unicode", "data": {"path": str(assets / "data/unicode")}})
+    proc, out = run_job(assets, tmp_path, spec)
+    assert proc.returncode == 0, proc.stdout[-3000:] + logs(out)
+    assert "privacy budget spent: stopped after round 3 of 4" in " ".join(proc.stdout.split())
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    for r in rounds:
+        assert len(r["sampled"]) == 2 and r["participants"] == r["sampled"]
+        acc = rdp.RdpAccountant(neighboring_relation=dpa.NeighboringRelation.REPLACE_ONE)
+        event = dpa.SampledWithoutReplacementDpEvent(3, 2, dpa.GaussianDpEvent(3.0 / 2))
+        assert r["dp_epsilon"] == pytest.approx(acc.compose(event, r["round"]).get_epsilon(1e-5), rel=1e-6)
+    assert rounds[-1]["dp_epsilon"] <= 6.0
+    sampled = {s for r in rounds for s in r["sampled"]}
+    assert any(
+        "uplink stages: dpNoise(clip=0.5" in (out / "logs" / f"silo-{s}.log").read_text() for s in sampled
+    )
+    assert (out / "adapter").is_dir()
