@@ -46,7 +46,7 @@ def test_promtool_checks_and_unit_tests_the_alerts(tools: Path, tmp_path: Path) 
         text=True,
     )
     assert check.returncode == 0, check.stdout + check.stderr
-    assert "5 rules found" in check.stdout
+    assert "6 rules found" in check.stdout
     shutil.copy(REPO / "tests" / "prometheus" / "alerts_test.yaml", tmp_path)
     unit = subprocess.run(
         [str(tools / "promtool"), "test", "rules", "alerts_test.yaml"],
@@ -126,6 +126,9 @@ def test_every_dashboard_and_alert_query_returns_data_from_a_real_scrape(
             "aggregation": {"minSilos": 2},
             # A compressed downlink, for the downlink panel's series.
             "compression": {"downlink": [{"quantize": {"bits": 8}}, {"zstd": {}}]},
+            # Differential privacy with a target, for the privacy panel and alert (a tiny clip
+            # norm: the noise must not wreck the model while the queries run).
+            "privacy": {"dp": {"clipNorm": 1e-4, "noiseMultiplier": 50, "targetEpsilon": 20, "delta": 1e-5}},
         },
     }
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
