@@ -44,3 +44,34 @@ def test_each_silos_latest_update_scores_reach_the_status_and_outlive_an_unreach
     # The aggregator restarting (no answer): the last scores stay.
     again = status_from(job, None, jobs, status, 1, False)
     assert again["silos"][0]["update"] == alpha["update"]
+
+
+def test_epsilon_and_a_budget_stop_reach_the_status_and_its_succeeded_condition() -> None:
+    job = parse_job(job_doc(privacy={"dp": {"clipNorm": 1, "noiseMultiplier": 2, "delta": 1e-5}}))
+    running = pb.JobStatus(
+        job="demo", phase="Running", round=1, total_rounds=2, dp=True, dp_epsilon=1.234567891, dp_delta=1e-5
+    )
+    status = status_from(job, running, {}, {}, 1, False)
+    assert status["privacy"] == {"epsilon": 1.234568, "delta": 1e-5}
+    message = "privacy budget spent: stopped after round 1 of 2 at epsilon 1.235 (delta 1e-05); ..."
+    stopped = pb.JobStatus(
+        job="demo",
+        phase="Succeeded",
+        round=1,
+        total_rounds=2,
+        message=message,
+        dp=True,
+        dp_epsilon=1.2345,
+        dp_delta=1e-5,
+        dp_target_epsilon=2.0,
+        privacy_budget_spent=True,
+    )
+    done = status_from(job, stopped, {}, status, 1, False)
+    assert done["privacy"] == {"epsilon": 1.2345, "delta": 1e-5, "targetEpsilon": 2.0}
+    cond = next(c for c in done["conditions"] if c["type"] == "Succeeded")
+    assert (cond["status"], cond["reason"], cond["message"]) == ("True", "PrivacyBudgetSpent", message)
+    # Once the aggregator is gone (scaled to zero), the status keeps both.
+    later = status_from(job, None, {}, done, 1, False)
+    assert later["privacy"] == done["privacy"]
+    cond = next(c for c in later["conditions"] if c["type"] == "Succeeded")
+    assert (cond["reason"], cond["message"]) == ("PrivacyBudgetSpent", message)
