@@ -507,6 +507,13 @@ class JobSpec(_Spec):
                     raise ValueError(
                         f"silos[{i}].data.eval: needs evaluation.batches > 0 (federated evaluation is off)"
                     )
+        a = self.training.adapter
+        if self.training.mode == "adapter" and set(a.feedforward_modules) - set(a.target_modules):
+            extra = sorted(set(a.feedforward_modules) - set(a.target_modules))
+            raise ValueError(
+                f"training.adapter.feedforwardModules: {', '.join(extra)} must also be in targetModules "
+                "(IA3 scales only the modules it targets)"
+            )
         self._aggregation_rules()
         self._uplink_rules()
         self._privacy_rules()

@@ -25,9 +25,15 @@ def _setup_logging(level: str) -> None:
 
 
 def _job(path: str, check_paths: bool = True, silos: list[str] | None = None):  # type: ignore[no-untyped-def]
+    """The job, with its folders, model and (the given silos') data checked when `check_paths`:
+    a mistake no restart can fix is refused here, with its reason, before anything starts."""
     job = load_job(path)
     if check_paths:
         problems = local_path_problems(job, silos=silos)
+        if not problems:
+            from fedjob.preflight import preflight_problems
+
+            problems = preflight_problems(job, silos)
         if problems:
             raise SpecError(path, tuple(problems))
     return job
@@ -86,6 +92,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     except KeyError as exc:
         raise SpecError(args.file, (f"--silo: {exc.args[0]}",)) from None
     problems = local_path_problems(job, silos=[args.silo], with_eval=False)
+    if not problems:
+        from fedjob.preflight import preflight_problems
+
+        problems = preflight_problems(job, [args.silo])
     if problems:
         raise SpecError(args.file, tuple(problems))
     return run_silo(
@@ -193,7 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--check-paths",
         action=argparse.BooleanOptionalAction,
         default=False,
-        help="also check that the model and data folders exist on this machine",
+        help="also check the model and data on this machine: folders exist, config.json parses and "
+        "names a known model type, weights are there, sequenceLength and the vocabulary fit the model, "
+        "every adapter target module exists, each silo's text is UTF-8 and at least one window long",
     )
     s.set_defaults(fn=cmd_validate)
 
