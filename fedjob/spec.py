@@ -710,6 +710,38 @@ class FederatedJob(BaseModel):
         return [s.name for s in self.spec.silos]
 
 
+def state_identity(spec: JobSpec) -> dict[str, Any]:
+    """The fields that shape what a checkpoint holds: the trainable tensors, the server's memory
+    and the privacy ledger. A checkpoint resumes only under the same values; the others (rounds,
+    deadlines, resources, silos' data) may change between runs."""
+    t = spec.training
+    out: dict[str, Any] = {
+        "model.config": spec.model.config,
+        "training.mode": t.mode,
+        "aggregation.algorithm": spec.aggregation.algorithm,
+    }
+    section = {"lora": t.lora, "prefix": t.prompt, "prompt": t.prompt, "adapter": t.adapter}.get(t.mode)
+    if section is not None:
+        name = "prompt" if t.mode in ("prefix", "prompt") else t.mode
+        for key, value in section.model_dump(by_alias=True).items():
+            out[f"training.{name}.{key}"] = value
+    dp = spec.privacy.dp
+    for key, value in (dp.model_dump(by_alias=True) if dp else {}).items():
+        out[f"privacy.dp.{key}"] = value
+    if dp is None:
+        out["privacy.dp"] = None
+    return out
+
+
+def identity_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """'field: X in the checkpoint, Y in this spec' for every field that differs."""
+    return [
+        f"{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} in this spec"
+        for k in sorted(set(saved) | set(now))
+        if saved.get(k) != now.get(k)
+    ]
+
+
 @dataclass(frozen=True)
 class SpecError(Exception):
     """Every problem found in a document, each as 'field.path: rule'."""

@@ -28,8 +28,9 @@ from rich.live import Live
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 
+from fedjob.errors import EXIT_PERMANENT, TERMINATION_LOG_ENV
 from fedjob.modeling import result_folder
-from fedjob.spec import FederatedJob
+from fedjob.spec import FederatedJob, state_identity
 from fedjob.tls import write_job_certs
 from fedjob.update_stages import uplink_codec
 from fedjob.uplink import job_uplink
@@ -52,8 +53,24 @@ class Proc:
     env: dict[str, str] | None = None
     exited_at: float | None = None
 
+    @property
+    def reason_path(self) -> Path:
+        """Where the component leaves the reason of a failure no restart can fix (exit code 2)."""
+        return self.log_path.with_suffix(".reason")
+
+    def permanent_failure(self) -> str | None:
+        """Its one-line reason, when it exited with EXIT_PERMANENT."""
+        if self.poll() != EXIT_PERMANENT:
+            return None
+        try:
+            return self.reason_path.read_text(encoding="utf-8").strip() or "(no reason given)"
+        except OSError:
+            return "(no reason given; see its log)"
+
     def start(self) -> None:
         self._sweep()  # what a crashed predecessor left behind (the ranks of a killed silo)
+        self.reason_path.unlink(missing_ok=True)
+        self.env = {**(self.env or os.environ), TERMINATION_LOG_ENV: str(self.reason_path)}
         if self.log:
             self.log.close()
         self.log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
@@ -172,6 +189,25 @@ class LocalRun:
         except grpc.RpcError:
             return None
 
+    def _checkpoint_index(self) -> dict[str, Any] | None:
+        index = self.out / "checkpoints" / "checkpoint.json"
+        try:
+            loaded: dict[str, Any] = json.loads(index.read_text())
+        except (OSError, ValueError):
+            return None
+        return loaded
+
+    def _already_finished(self, index: dict[str, Any]) -> bool:
+        """The checkpoint is this very job's, after its last round (and final evaluation)."""
+        spec = self.job.spec
+        extra = index.get("extra", {})
+        return (
+            int(index.get("round", 0)) >= spec.rounds
+            and (bool(extra.get("final_evaluation_done")) or spec.evaluation.batches == 0)
+            and extra.get("spec") == state_identity(spec)
+            and (self.out / result_folder(self.job)).exists()
+        )
+
     def run(self) -> int:
         started = time.time()
         self.console.print(
@@ -180,10 +216,20 @@ class LocalRun:
             f"ZeRO-{self.job.spec.training.deepspeed.zero_stage}, uplink {self._uplink()}; "
             f"output in {self.out}"
         )
+        index = self._checkpoint_index()
+        if index is not None and int(index.get("round", 0)) > 0:
+            if self._already_finished(index):
+                self.console.print(f"already finished: all {self.job.spec.rounds} rounds are in {self.out}")
+                return self._summary(started, True)
+            self.console.print(
+                f"resuming after round {index['round']} of {self.job.spec.rounds} (checkpoint in "
+                f"{self.out / 'checkpoints'}; --fresh starts over)"
+            )
         self.aggregator.start()
         for w in self.workers:
             w.start()
         last: pb.JobStatus | None = None
+        failure: str | None = None
         succeeded = False
         shown_round = -1
         live = (
@@ -207,6 +253,9 @@ class LocalRun:
                 elif st and st.round != shown_round:
                     shown_round = st.round
                     self.console.print(self._line(st, started))
+                failure = self._permanent_failure()
+                if failure is not None:
+                    break
                 self._restart_failed_workers(last)
                 rc = self.aggregator.poll()
                 if rc is None:
@@ -226,6 +275,8 @@ class LocalRun:
                 self.aggregator.start()
         except KeyboardInterrupt:
             interrupted = True
+            # A second Ctrl-C while the components stop must not end in a traceback.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             self.console.print("[yellow]interrupted; stopping (checkpoints are kept, run again to resume)[/]")
         finally:
             signal.signal(signal.SIGTERM, previous)
@@ -240,7 +291,21 @@ class LocalRun:
                 w.stop()
             self.aggregator.stop()
             self.channel.close()
+        if failure is not None:
+            # The reason is the last line: what to fix, not a log to dig through.
+            self.console.print(
+                f"[red]Job failed (exit {EXIT_PERMANENT}, no restart can fix it): {failure}[/]"
+            )
+            return EXIT_PERMANENT
         return self._summary(started, succeeded)
+
+    def _permanent_failure(self) -> str | None:
+        """'component: reason' of the first component that exited with EXIT_PERMANENT."""
+        for proc in (self.aggregator, *self.workers):
+            reason = proc.permanent_failure()
+            if reason is not None:
+                return f"{proc.name}: {reason}"
+        return None
 
     def _restart_failed_workers(self, last: pb.JobStatus | None) -> None:
         """A silo that crashed is started again, like a Kubernetes Job retrying its pod."""
@@ -248,7 +313,7 @@ class LocalRun:
             return
         for w in self.workers:
             rc = w.poll()
-            if rc is None or rc == 0 or w.restarts >= self.max_restarts:
+            if rc is None or rc in (0, EXIT_PERMANENT) or w.restarts >= self.max_restarts:
                 continue
             # Back off like a Kubernetes Job: 10 s, 20 s, 40 s ... (at most 5 minutes).
             w.exited_at = w.exited_at or time.time()

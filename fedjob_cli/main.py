@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from fedjob.errors import EXIT_PERMANENT, PermanentError, write_termination_message
 from fedjob.spec import SpecError, load_job, local_path_problems
 from fedjob_cli.parent_watch import watch_parent_from_env
 
@@ -280,9 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(DEFAULT_CACHE / "torch_extensions"))
     try:
         return int(args.fn(args))
-    except SpecError as exc:
+    except (SpecError, PermanentError) as exc:
+        # No restart can fix these: say why, once, where the supervisor looks, and exit 2.
         print(str(exc), file=sys.stderr)
-        return 2
+        write_termination_message(str(exc))
+        return EXIT_PERMANENT
 
 
 if __name__ == "__main__":

@@ -33,9 +33,10 @@ from fedjob.checkpoint import Checkpoint, CheckpointStore, CheckpointWriter
 from fedjob.chunking import State, TensorInfo, count_chunks, iter_chunks, manifest_of
 from fedjob.codec import DOWNLOAD_CODEC, Codec
 from fedjob.downlink import downlink_encoder
+from fedjob.errors import PermanentError
 from fedjob.privacy import differential_privacy
 from fedjob.robust import CoordinateSample
-from fedjob.spec import FederatedJob
+from fedjob.spec import FederatedJob, identity_differences, state_identity
 from fedjob.update_stages import uplink_codec
 from fedjob.uplink import job_uplink
 from fedjob.v1 import fedjob_pb2 as pb
@@ -117,6 +118,8 @@ class Coordinator:
         # whose amplification by sampling assumes nobody can predict the sample.
         self._sampling_rng = np.random.default_rng() if self.dp is not None else None
         self.budget_stop: int | None = None  # the round after which the privacy budget ended the job
+        # What the checkpoint must have been made with (training.lora.r, the algorithm, privacy, ...).
+        self.identity = state_identity(job.spec)
         ckpt = self.store.load()
         if ckpt is None:
             # The coordinator reuses the global model's buffers: it owns what a function returns,
@@ -128,10 +131,10 @@ class Coordinator:
             )
             if manifest_of(state) != self.manifest:
                 raise RuntimeError("the initial state does not match its manifest")
-            ckpt = Checkpoint(0, state, [])
+            ckpt = Checkpoint(0, state, [], extra={"spec": self.identity})
             self.store.save(ckpt)
-        elif manifest_of(ckpt.state) != self.manifest:
-            raise RuntimeError(f"checkpoint in {self.store.dir} does not belong to this job's model")
+        else:
+            self._check_resumable(ckpt)
         self.completed = ckpt.round
         self.global_state = {n: ckpt.state[n] for n in self.manifest}
         # Bumped whenever the global model's buffers change hands: a download that sees it move
@@ -160,6 +163,23 @@ class Coordinator:
         log.info("job %s: resuming after round %d of %d", job.name, self.completed, self.spec.rounds)
         if self.dp is not None:
             self.observe("privacy", self.privacy_fields())
+
+    def _check_resumable(self, ckpt: Checkpoint) -> None:
+        """A checkpoint made under other state-shaping fields is refused, naming them."""
+        saved = ckpt.extra.get("spec")
+        where = f"the checkpoint in {self.store.dir} (after round {ckpt.round})"
+        fix = "start afresh (fedjob run --fresh, or a new job name), or set those fields back"
+        if saved is not None:
+            differences = identity_differences(saved, self.identity)
+            if differences:
+                raise PermanentError(
+                    "IncompatibleCheckpoint",
+                    f"{where} was made with another spec: {'; '.join(differences)}; {fix}",
+                )
+        if manifest_of(ckpt.state) != self.manifest:
+            raise PermanentError(
+                "IncompatibleCheckpoint", f"{where} holds other tensors than this job's model trains; {fix}"
+            )
 
     @property
     def final_round(self) -> int:
@@ -381,7 +401,10 @@ class Coordinator:
                 self.recorder.snapshot(),
                 strategy_state=self.strategy.state(),
                 broadcast=self.broadcast.state if self.broadcast is not None else {},
-                extra={"broadcast_id": self.broadcast.id} if self.broadcast is not None else {},
+                extra={
+                    "spec": self.identity,
+                    **({"broadcast_id": self.broadcast.id} if self.broadcast is not None else {}),
+                },
             ),
             then=write_metrics,
         )
