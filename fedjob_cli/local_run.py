@@ -30,7 +30,7 @@ from rich.table import Table
 
 from fedjob.errors import EXIT_PERMANENT, TERMINATION_LOG_ENV
 from fedjob.modeling import result_folder
-from fedjob.spec import FederatedJob, state_identity
+from fedjob.spec import FederatedJob, identity_differences, state_identity
 from fedjob.tls import write_job_certs
 from fedjob.update_stages import uplink_codec
 from fedjob.uplink import job_uplink
@@ -217,6 +217,16 @@ class LocalRun:
             f"output in {self.out}"
         )
         index = self._checkpoint_index()
+        saved = (index or {}).get("extra", {}).get("spec")
+        if saved is not None and identity_differences(saved, state_identity(self.job.spec)):
+            # The aggregator would refuse it too, after starting; say so before starting anything.
+            differences = "; ".join(identity_differences(saved, state_identity(self.job.spec)))
+            self.console.print(
+                f"[red]Job failed (exit {EXIT_PERMANENT}, no restart can fix it): the checkpoint in "
+                f"{self.out / 'checkpoints'} was made with another spec: {differences}; start afresh "
+                "(--fresh, or another --out), or set those fields back[/]"
+            )
+            return EXIT_PERMANENT
         if index is not None and int(index.get("round", 0)) > 0:
             if self._already_finished(index):
                 self.console.print(f"already finished: all {self.job.spec.rounds} rounds are in {self.out}")
