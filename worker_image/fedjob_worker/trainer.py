@@ -26,6 +26,7 @@ from fedjob import modeling
 from fedjob.chunking import State, TensorInfo
 from fedjob.spec import FederatedJob
 from fedjob.textdata import TextCorpus
+from fedjob_worker.build_locks import StaleLockWatch, extensions_dir
 
 log = logging.getLogger("fedjob.worker")
 
@@ -57,7 +58,9 @@ def init_distributed(rank: int, world_size: int, master_port: int, local_rank: i
                 "a silo's processes must not exceed its GPUs"
             )
         torch.cuda.set_device(local)
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    # On CPU this builds (once, into the shared cache) DeepSpeed's shm op, under a lock file.
+    with StaleLockWatch(extensions_dir()):
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
     _unlink_shm_buffer(rank)
 
 
