@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from fedjob.errors import TERMINATION_LOG_ENV
 from fedjob.spec import FederatedJob, ResourcesSpec, StorageSpec, VolumeSpec
 
 GRPC_PORT = 50051
@@ -210,9 +211,15 @@ def _security(read_only_root: bool = True) -> dict[str, Any]:
     }
 
 
+TERMINATION_LOG = "/dev/termination-log"
+
+
 def _common_env() -> list[dict[str, Any]]:
     return [
         {"name": "HOME", "value": "/tmp"},
+        # A failure no restart can fix leaves its one-line reason here (exit code 2): the operator
+        # reads it from the container's terminated state.
+        {"name": TERMINATION_LOG_ENV, "value": TERMINATION_LOG},
         {"name": "TORCH_EXTENSIONS_DIR", "value": EXTENSIONS_DIR},
         {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
     ]
@@ -287,6 +294,8 @@ def aggregator_deployment(
             {"name": "metrics", "containerPort": METRICS_PORT},
         ],
         "readinessProbe": {"tcpSocket": {"port": GRPC_PORT}, "periodSeconds": 5},
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "resources": _resources(job.spec.aggregator.resources),
         "securityContext": _security(),
         "volumeMounts": [
@@ -370,6 +379,8 @@ def silo_job(job: FederatedJob, silo: str, namespace: str, images: Images) -> di
             *(["--state", STATE_MOUNT] if keeps_state else []),
         ],
         "env": [*_common_env(), *_threads_env(s.resources, "worker")],
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "resources": _resources(s.resources),
         "securityContext": _security(),
         "volumeMounts": [

@@ -120,7 +120,10 @@ def _reconcile(body: Any, patch: kopf.Patch) -> None:
     created = r.ensure_children(job, running=not suspended)
     if created:
         r.emit("Normal", "Created", f"created {', '.join(created)}")
-    status = status_from(job, r.aggregator_status(), r.silo_jobs(job), old, generation, suspended)
+    permanent = r.permanent_failures()
+    for silo in set(permanent) & set(job.silo_names()):
+        r.stop_retries(silo)
+    status = status_from(job, r.aggregator_status(), r.silo_jobs(job), old, generation, suspended, permanent)
     _announce(r, old, status)
     if status["phase"] in TERMINAL:
         r.scale_aggregator(0)
@@ -143,12 +146,14 @@ def _announce(r: JobReconciler, old: dict[str, Any], new: dict[str, Any]) -> Non
                 f"{lr['bytesUp']} bytes up, {lr['seconds']} s"
             )
         r.emit("Normal", "RoundCompleted", f"{span}/{new['totalRounds']}{detail}")
+    failures = {s["name"]: s["failure"] for s in new.get("silos", []) if "failure" in s}
     for silo in set(new.get("lostSilos", [])) - set(old.get("lostSilos", [])):
-        r.emit(
-            "Warning",
-            "SiloLost",
-            f"silo {silo} exhausted its retries; the job goes on while the quorum holds",
+        why = (
+            f"cannot run, and no retry can fix it: {failures[silo]}"
+            if silo in failures
+            else "exhausted its retries"
         )
+        r.emit("Warning", "SiloLost", f"silo {silo} {why}; the job goes on while the quorum holds")
     if new["phase"] != old.get("phase"):
         kind = "Warning" if new["phase"] == "Failed" else "Normal"
         message = next(

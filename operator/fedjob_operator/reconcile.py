@@ -21,6 +21,7 @@ import grpc
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from fedjob.errors import EXIT_PERMANENT
 from fedjob.spec import FederatedJob, SpecError, parse_job
 from fedjob.tls import Identity, KeyPair, aggregator_dns_names, create_ca, issue
 from fedjob.v1 import fedjob_pb2 as pb
@@ -253,6 +254,31 @@ class JobReconciler:
                 log.debug("aggregator of %s/%s not answering: %s", self.ns, self.name, exc.code())
                 return None
 
+    def permanent_failures(self) -> dict[str, str]:
+        """Components whose container exited with EXIT_PERMANENT: 'aggregator' or a silo -> its reason.
+
+        Kubernetes 1.20 has no podFailurePolicy: the exit code and the termination message in
+        the container's (last) terminated state are how the operator learns that no retry helps.
+        """
+        out: dict[str, str] = {}
+        pods = self.apis.core.list_namespaced_pod(self.ns, label_selector=f"fedjob.io/job={self.name}")
+        for p in pods.items:
+            lbl = (p.metadata.labels if p.metadata else None) or {}
+            component = lbl.get("fedjob.io/silo") or lbl.get("app.kubernetes.io/component", "")
+            for cs in (p.status.container_statuses or []) if p.status else []:
+                for st in (cs.state, cs.last_state):
+                    t = st.terminated if st is not None else None
+                    if t is not None and t.exit_code == EXIT_PERMANENT:
+                        out[component] = _reason_line(t.message or "") or f"exit code {EXIT_PERMANENT}"
+        return out
+
+    def stop_retries(self, silo: str) -> None:
+        """No more pods for a silo that cannot run: a Job with parallelism 0 starts none."""
+        name = silo_job_name(self.name, silo)
+        job = _read(self.apis.batch.read_namespaced_job, name, self.ns)
+        if job is not None and job.spec.parallelism != 0:
+            self.apis.batch.patch_namespaced_job(name, self.ns, {"spec": {"parallelism": 0}})
+
     def silo_jobs(self, job: FederatedJob) -> dict[str, str]:
         """Per silo: Pending, Active, Succeeded, Lost (retries exhausted) or Absent."""
         out = {}
@@ -272,6 +298,16 @@ class JobReconciler:
             else:
                 out[silo] = "Pending"
         return out
+
+
+def _reason_line(message: str) -> str:
+    """The reason in a termination message: its lines after a 'file: invalid FederatedJob' heading,
+    or the last line (FallbackToLogsOnError hands over the log's tail)."""
+    lines = [x.strip() for x in message.strip().splitlines() if x.strip()]
+    for i, line in enumerate(lines):
+        if line.endswith("invalid FederatedJob"):
+            return "; ".join(lines[i + 1 :])[:1000]
+    return lines[-1][:1000] if lines else ""
 
 
 def condition(ctype: str, status: bool, reason: str, message: str) -> dict[str, Any]:
@@ -303,14 +339,21 @@ def status_from(
     old: dict[str, Any],
     generation: int,
     suspended: bool,
+    permanent: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The FederatedJob status, from what the aggregator says and what the silo Jobs show."""
+    """The FederatedJob status, from what the aggregator says and what the silo Jobs show.
+
+    `permanent`: components that exited with a failure no restart can fix, with the reason: such
+    a silo counts as lost at once, the aggregator fails the job."""
+    permanent = permanent or {}
     total = job.spec.rounds
     rounds_done = agg.round if agg else int(old.get("round", 0))
     silo_states = {s.name: s for s in agg.silos} if agg else {}
     silos = []
     for name in job.silo_names():
         entry: dict[str, Any] = {"name": name, "job": jobs.get(name, "Absent")}
+        if name in permanent:
+            entry.update(job="Lost", failure=permanent[name])
         s = silo_states.get(name)
         if s is not None:
             entry.update(state=s.state, lastRound=s.last_round, bytesUp=s.bytes_up)
@@ -335,13 +378,23 @@ def status_from(
     ready = sum(1 for s in silos if s["job"] in ("Active", "Succeeded") and s.get("state") in joined)
     phase = old.get("phase", "Pending")
     message = ""
+    failure_reason = ""
     if agg is not None and agg.phase in ("Succeeded", "Failed"):
         phase, message = agg.phase, agg.message
     elif phase not in ("Succeeded", "Failed"):
-        if len(job.silo_names()) - len(lost) < job.spec.aggregation.min_silos:
+        if "aggregator" in permanent:
+            phase, failure_reason = "Failed", "PermanentFailure"
+            message = f"the aggregator cannot run (no restart can fix it): {permanent['aggregator']}"
+        elif len(job.silo_names()) - len(lost) < job.spec.aggregation.min_silos:
             phase = "Failed"
+            why = "; ".join(
+                f"silo {n} cannot run (no retry can fix it): {permanent[n]}" for n in lost if n in permanent
+            )
+            retried = [n for n in lost if n not in permanent]
+            if retried:
+                why = "; ".join(filter(None, [f"silos {', '.join(retried)} exhausted their retries", why]))
             message = (
-                f"quorum lost: silos {', '.join(lost)} exhausted their retries; "
+                f"quorum lost: {why}; "
                 f"{len(job.silo_names()) - len(lost)} left, minSilos is {job.spec.aggregation.min_silos}"
             )
         elif suspended:
@@ -418,7 +471,8 @@ def status_from(
         condition(
             "Failed",
             phase == "Failed",
-            "QuorumLost" if "quorum" in message else ("JobFailed" if phase == "Failed" else "NoFailure"),
+            failure_reason
+            or ("QuorumLost" if "quorum" in message else ("JobFailed" if phase == "Failed" else "NoFailure")),
             message,
         ),
     ]

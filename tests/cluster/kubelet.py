@@ -19,7 +19,12 @@ node, as faithfully as the machine allows:
   selects (the Pod starts once such a Pod exists, as DNS + endpoints would);
 - Pod phase, IP, readiness (tcpSocket probes are really checked), restarts and
   exit codes are written back to the API server, so the Job, ReplicaSet and
-  Deployment controllers do their real work.
+  Deployment controllers do their real work;
+- the termination message: a host file bind-mounted into the Pod stands for the
+  container's terminationMessagePath (an env value equal to that path names the
+  file instead, since /dev of this machine cannot be written), and what the process
+  wrote there (or, with FallbackToLogsOnError, its log's tail when it failed) is the
+  terminated state's `message`, also as `lastState` of a restarted container.
 
 What it does not emulate: user switching (runAsUser), resource limits, image
 pulls, and network isolation between Pods. A Pod spec that references a missing
@@ -91,6 +96,9 @@ class RunningPod:
     ready: bool = False
     finished: bool = False
     exit_codes: list[int] = field(default_factory=list)
+    message_file: Path | None = None
+    message_policy: str = "File"
+    last_state: dict[str, Any] | None = None
 
 
 class FakeKubelet:
@@ -196,6 +204,10 @@ class FakeKubelet:
                 env[e.name] = self._env_from(e.value_from, pod, ip)
             else:
                 env[e.name] = VAR.sub(lambda m: env.get(m.group(1), m.group(0)), e.value or "")
+        message_path = c.termination_message_path or "/dev/termination-log"
+        message_file = root / "termination-log"
+        message_file.write_text("")
+        env = {k: str(message_file) if v == message_path else v for k, v in env.items()}
         argv = [VAR.sub(lambda m: _expand(m, env), a) for a in [*(c.command or []), *(c.args or [])]]
         if not argv:
             raise PodSpecError("the container has no command (the harness has no image entrypoints)")
@@ -212,6 +224,7 @@ class FakeKubelet:
         # last, so an emptyDir at /tmp cannot hide a checkout that lives under /tmp.
         for path in _image_paths():
             mounts.append((path, str(path), True))
+        mounts.append((message_file, str(message_file), False))
         read_only_root = bool(c.security_context and c.security_context.read_only_root_filesystem)
         probe = (
             c.readiness_probe.tcp_socket.port if c.readiness_probe and c.readiness_probe.tcp_socket else None
@@ -235,6 +248,8 @@ class FakeKubelet:
             proc_env,
             root / "container.log",
             probe,
+            message_file=message_file,
+            message_policy=c.termination_message_policy or "File",
         )
 
     def _materialise(self, vol: Any, root: Path) -> Path:
@@ -385,6 +400,9 @@ class FakeKubelet:
             return
         run.exit_codes.append(rc)
         if run.restart_policy == "Always" or (run.restart_policy == "OnFailure" and rc != 0):
+            run.last_state = {"terminated": self._terminated(run, rc)}
+            if run.message_file is not None:
+                run.message_file.write_text("")
             run.restarts += 1
             time.sleep(min(0.5 * run.restarts, 3))
             self._spawn(run)
@@ -392,19 +410,30 @@ class FakeKubelet:
         run.finished = True
         self._report(run, running=False, exit_code=rc)
 
+    def _terminated(self, run: RunningPod, exit_code: int) -> dict[str, Any]:
+        message = ""
+        if run.message_file is not None and run.message_file.exists():
+            message = run.message_file.read_text(errors="replace")[-4096:]
+        if not message and exit_code != 0 and run.message_policy == "FallbackToLogsOnError":
+            lines = (
+                run.log_path.read_text(errors="replace").splitlines()[-80:] if run.log_path.exists() else []
+            )
+            message = "\n".join(lines)[-2048:]
+        return {
+            "exitCode": exit_code,
+            "finishedAt": _now(),
+            "reason": "Completed" if exit_code == 0 else "Error",
+            **({"message": message} if message else {}),
+        }
+
     def _report(self, run: RunningPod, running: bool, exit_code: int | None = None) -> None:
         state: dict[str, Any]
         if running:
             state = {"running": {"startedAt": _now()}}
             phase = "Running"
         else:
-            state = {
-                "terminated": {
-                    "exitCode": exit_code,
-                    "finishedAt": _now(),
-                    "reason": "Completed" if exit_code == 0 else "Error",
-                }
-            }
+            assert exit_code is not None
+            state = {"terminated": self._terminated(run, exit_code)}
             phase = "Succeeded" if exit_code == 0 else "Failed"
         ready = running and run.ready
         self._set_status(
@@ -431,6 +460,7 @@ class FakeKubelet:
                         "image": "local",
                         "imageID": "local",
                         "state": state,
+                        **({"lastState": run.last_state} if run.last_state else {}),
                     }
                 ],
             },

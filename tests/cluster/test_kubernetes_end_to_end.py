@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -90,10 +91,10 @@ def lossy_job(min_silos: int) -> dict[str, Any]:
     doc["metadata"]["name"] = "lossy"
     doc["spec"]["rounds"] = 2
     doc["spec"]["silos"] = doc["spec"]["silos"][:2]
-    # This silo's data folder does not exist on the node: its pods fail, and with
-    # backoffLimit 0 its Job gives up at once.
+    # This silo's data folder does not exist on the node: its worker exits with code 2 and the
+    # reason, and the operator counts it lost at once instead of burning its 4 retries.
     doc["spec"]["silos"][1]["data"]["volume"]["hostPath"]["path"] = "/tmp/fedjob-examples/no-such-folder"
-    doc["spec"]["silos"][1]["backoffLimit"] = 0
+    doc["spec"]["silos"][1]["backoffLimit"] = 4
     doc["spec"]["aggregation"] = {"minSilos": min_silos, "roundDeadlineSeconds": 60}
     return doc
 
@@ -105,7 +106,17 @@ def test_a_lost_silo_is_reported_and_the_job_goes_on_while_the_quorum_holds(
     status = wait_for(lambda: finished(namespace, "lossy"), 420, "the job to finish", interval=1)
     assert status["phase"] == "Succeeded", (status, kubelet.logs("lossy"))
     assert status["lostSilos"] == ["docs"]
-    assert any(r == "SiloLost" and "docs" in m for _, r, m in events(namespace, "lossy"))
+    docs = next(s for s in status["silos"] if s["name"] == "docs")
+    assert (
+        "spec.silos[1].data.path: no .txt files" in docs["failure"] or "folder not found" in docs["failure"]
+    )
+    assert any(
+        r == "SiloLost" and "docs cannot run, and no retry can fix it" in m
+        for _, r, m in events(namespace, "lossy")
+    )
+    # One pod, no retries: the operator stopped its Job.
+    pods = client.CoreV1Api().list_namespaced_pod(namespace, label_selector="fedjob.io/silo=docs").items
+    assert len(pods) == 1, [p.metadata.name for p in pods]
 
 
 def test_the_job_fails_with_a_clear_condition_when_the_quorum_is_lost(
@@ -116,4 +127,22 @@ def test_the_job_fails_with_a_clear_condition_when_the_quorum_is_lost(
     assert status["phase"] == "Failed"
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
     assert failed["status"] == "True" and failed["reason"] == "QuorumLost"
-    assert "docs" in failed["message"] and "minSilos is 2" in failed["message"]
+    assert "silo docs cannot run (no retry can fix it): spec.silos[1].data.path" in failed["message"]
+    assert "minSilos is 2" in failed["message"]
+
+
+def test_a_model_mistake_fails_the_job_at_once_with_its_reason(
+    cluster: Cluster, namespace: str, operator: OperatorProcess, kubelet: FakeKubelet, example_assets: Path
+) -> None:
+    doc = yaml.safe_load((REPO / "examples" / "quickstart-k8s.yaml").read_text())
+    doc["metadata"]["name"] = "mistaken"
+    doc["spec"]["training"]["lora"]["targetModules"] = ["q_proj"]  # a Llama name; this is a GPT-2
+    started = time.time()
+    create_job(namespace, doc)
+    status = wait_for(lambda: finished(namespace, "mistaken"), 180, "the job to fail", interval=1)
+    assert status["phase"] == "Failed"
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "PermanentFailure", failed
+    assert "spec.training.lora.targetModules: no module named 'q_proj'" in failed["message"]
+    assert time.time() - started < 120
+    assert any(r == "Failed" and "q_proj" in m for _, r, m in events(namespace, "mistaken"))
