@@ -493,13 +493,18 @@ class FakeKubelet:
 # Runs inside the Pod's mount namespace. Sources are opened first and mounted
 # through /proc/self/fd, so a mount over /tmp cannot hide a source under /tmp.
 _MOUNT_AND_EXEC = """
-import ast, os, subprocess, sys
+import ast, os, stat, subprocess, sys
 plan, read_only_root = ast.literal_eval(sys.argv[1])
 fds = [os.open(src, os.O_PATH) for src, _, _ in plan]
 def mount(*args):
     subprocess.run(["mount", *args], check=True)
 for fd, (_, target, ro) in zip(fds, plan):
-    os.makedirs(target, exist_ok=True)  # inside a fresh emptyDir, say
+    if stat.S_ISDIR(os.fstat(fd).st_mode):
+        os.makedirs(target, exist_ok=True)  # inside a fresh emptyDir, say
+    else:  # a file (the termination message) is mounted onto a file
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        if not os.path.exists(target):
+            open(target, "a").close()
     # --no-canonicalize: resolving the /proc link by path would find the new mount point.
     mount("--no-canonicalize", "--bind", f"/proc/{os.getpid()}/fd/{fd}", target)
     if ro:
