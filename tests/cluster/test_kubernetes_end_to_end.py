@@ -91,9 +91,10 @@ def lossy_job(min_silos: int) -> dict[str, Any]:
     doc["metadata"]["name"] = "lossy"
     doc["spec"]["rounds"] = 2
     doc["spec"]["silos"] = doc["spec"]["silos"][:2]
-    # This silo's data folder does not exist on the node: its worker exits with code 2 and the
+    # This silo's data folder on the node holds no text: its worker exits with code 2 and the
     # reason, and the operator counts it lost at once instead of burning its 4 retries.
-    doc["spec"]["silos"][1]["data"]["volume"]["hostPath"]["path"] = "/tmp/fedjob-examples/no-such-folder"
+    (EXAMPLES / "no-text").mkdir(exist_ok=True)
+    doc["spec"]["silos"][1]["data"]["volume"]["hostPath"]["path"] = str(EXAMPLES / "no-text")
     doc["spec"]["silos"][1]["backoffLimit"] = 4
     doc["spec"]["aggregation"] = {"minSilos": min_silos, "roundDeadlineSeconds": 60}
     return doc
