@@ -277,7 +277,10 @@ class JobReconciler:
         name = silo_job_name(self.name, silo)
         job = _read(self.apis.batch.read_namespaced_job, name, self.ns)
         if job is not None and job.spec.parallelism != 0:
-            self.apis.batch.patch_namespaced_job(name, self.ns, {"spec": {"parallelism": 0}})
+            try:
+                self.apis.batch.patch_namespaced_job(name, self.ns, {"spec": {"parallelism": 0}})
+            except ApiException as exc:  # the status must still say why; retries merely go on
+                log.warning("could not stop the retries of Job %s/%s: %s", self.ns, name, exc.reason)
 
     def silo_jobs(self, job: FederatedJob) -> dict[str, str]:
         """Per silo: Pending, Active, Succeeded, Lost (retries exhausted) or Absent."""
