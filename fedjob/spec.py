@@ -8,7 +8,8 @@ from this model, and the API server then enforces the same rules.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import re
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -482,6 +483,25 @@ class JobSpec(_Spec):
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> JobSpec:
+        # Each group of rules reports its first problem, and every group runs: `fedjob validate`
+        # lists all of them in one pass.
+        problems = []
+        for rules in (
+            self._silo_rules,
+            self._training_rules,
+            self._aggregation_rules,
+            self._uplink_rules,
+            self._privacy_rules,
+        ):
+            try:
+                rules()
+            except ValueError as exc:
+                problems.append(str(exc))
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    def _silo_rules(self) -> None:
         names = [s.name for s in self.silos]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -507,6 +527,8 @@ class JobSpec(_Spec):
                     raise ValueError(
                         f"silos[{i}].data.eval: needs evaluation.batches > 0 (federated evaluation is off)"
                     )
+
+    def _training_rules(self) -> None:
         a = self.training.adapter
         if self.training.mode == "adapter" and set(a.feedforward_modules) - set(a.target_modules):
             extra = sorted(set(a.feedforward_modules) - set(a.target_modules))
@@ -514,14 +536,10 @@ class JobSpec(_Spec):
                 f"training.adapter.feedforwardModules: {', '.join(extra)} must also be in targetModules "
                 "(IA3 scales only the modules it targets)"
             )
-        self._aggregation_rules()
-        self._uplink_rules()
-        self._privacy_rules()
         if self.training.mode != "pretrain" and self.model.path is None:
             raise ValueError(
                 f"model.path: training mode {self.training.mode!r} starts from a pretrained model"
             )
-        return self
 
     def _uplink_rules(self) -> None:
         c = self.compression
@@ -635,6 +653,8 @@ class JobSpec(_Spec):
                     f"the whole noiseMultiplier {dp.noise_multiplier:g} allows; it needs countStddev > "
                     f"{dp.noise_multiplier / 2:.3g}"
                 )
+        if k > n:
+            return  # silosPerRound is refused on its own; the budget needs a sample that exists
         # The budget: the noise multiplier it needs, or whether the one given fits.
         try:
             plan_for(self)
@@ -785,14 +805,16 @@ def _message(err: Any) -> str:
 def format_errors(exc: ValidationError) -> tuple[str, ...]:
     problems = []
     for err in exc.errors():
-        path = _field_path(tuple(err["loc"]))
-        msg = _message(err)
-        # Cross-field rules name their own field ("silos: ...") relative to spec.
-        if ": " in msg and err["type"] == "value_error":
-            rel, _, rest = msg.partition(": ")
-            if " " not in rel:
-                path, msg = f"{path}.{rel}" if path else rel, rest
-        problems.append(f"{path}: {msg}" if path else msg)
+        where = _field_path(tuple(err["loc"]))
+        # Cross-field rules report several problems, a line each.
+        for msg in _message(err).split("\n") if err["type"] == "value_error" else [_message(err)]:
+            path = where
+            # Cross-field rules name their own field ("silos: ...") relative to spec.
+            if ": " in msg and err["type"] == "value_error":
+                rel, _, rest = msg.partition(": ")
+                if " " not in rel:
+                    path, msg = f"{path}.{rel}" if path else rel, rest
+            problems.append(f"{path}: {msg}" if path else msg)
     return tuple(problems)
 
 
@@ -805,7 +827,52 @@ def parse_job(doc: Any, source: str = "<document>") -> FederatedJob:
         raise SpecError(source, format_errors(exc)) from None
 
 
-def load_job(path: str | Path) -> FederatedJob:
+_OVERRIDE_PART = re.compile(r"^([A-Za-z][A-Za-z0-9]*)((?:\[\d+\])*)$")
+
+
+def apply_overrides(doc: Any, overrides: Sequence[str], source: str) -> Any:
+    """`PATH=VALUE` edits of a document before validation (`--set spec.rounds=4`): the value is
+    YAML (a number, a string, a list ...); PATH is dotted, with [i] for list items."""
+    for item in overrides:
+        path, sep, raw = item.partition("=")
+        problem = f"--set {item}: "
+        if not sep or not path:
+            raise SpecError(source, (problem + "expected PATH=VALUE, e.g. spec.rounds=4",))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise SpecError(source, (problem + "the value is not valid YAML",)) from None
+        steps: list[str | int] = []
+        for part in path.split("."):
+            m = _OVERRIDE_PART.match(part)
+            if m is None:
+                raise SpecError(source, (problem + f"{part!r} is not a field name (with optional [i])",))
+            steps.append(m.group(1))
+            steps += [int(i) for i in re.findall(r"\[(\d+)\]", m.group(2))]
+        node = doc
+        for i, step in enumerate(steps[:-1]):
+            nxt = steps[i + 1]
+            if isinstance(step, int):
+                if not isinstance(node, list) or step >= len(node):
+                    raise SpecError(source, (problem + f"no item [{step}] there",))
+                node = node[step]
+            else:
+                if not isinstance(node, dict):
+                    raise SpecError(source, (problem + f"{step!r} is not inside a mapping",))
+                node = node.setdefault(step, [] if isinstance(nxt, int) else {})
+        last = steps[-1]
+        if isinstance(last, int):
+            if not isinstance(node, list) or last >= len(node):
+                raise SpecError(source, (problem + f"no item [{last}] there",))
+            node[last] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise SpecError(source, (problem + f"{last!r} is not inside a mapping",))
+    return doc
+
+
+def load_job(path: str | Path, overrides: Sequence[str] = ()) -> FederatedJob:
     """Read and validate a FederatedJob file; relative paths are resolved against its folder."""
     p = Path(path)
     try:
@@ -816,7 +883,16 @@ def load_job(path: str | Path) -> FederatedJob:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise SpecError(str(p), (f"not valid YAML: {exc}".replace("\n", " "),)) from None
+    if overrides:
+        doc = apply_overrides(doc, overrides, str(p))
     return resolve_paths(parse_job(doc, str(p)), p.resolve().parent)
+
+
+def job_document(job: FederatedJob) -> dict[str, Any]:
+    """The job as a document again (camelCase, defaults filled in): what `fedjob run` hands its
+    components when `--set` changed the file's."""
+    doc: dict[str, Any] = job.model_dump(mode="json", by_alias=True, exclude_none=True)
+    return doc
 
 
 def resolve_paths(job: FederatedJob, base: Path) -> FederatedJob:

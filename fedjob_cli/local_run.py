@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import grpc
+import yaml
 from fedjob_worker.runner import free_port
 from rich.console import Console, Group
 from rich.live import Live
@@ -30,7 +31,7 @@ from rich.table import Table
 
 from fedjob.errors import EXIT_PERMANENT, TERMINATION_LOG_ENV
 from fedjob.modeling import result_folder
-from fedjob.spec import FederatedJob, identity_differences, state_identity
+from fedjob.spec import FederatedJob, identity_differences, job_document, state_identity
 from fedjob.tls import write_job_certs
 from fedjob.update_stages import uplink_codec
 from fedjob.uplink import job_uplink
@@ -519,8 +520,13 @@ def run_local(
     out: Path,
     fresh: bool = False,
     max_restarts: int = DEFAULT_MAX_RESTARTS,
+    overridden: bool = False,
 ) -> int:
+    """`overridden`: `--set` changed the file's job; the components get the job as changed."""
     if fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    if overridden:
+        job_file = out / "job.yaml"
+        job_file.write_text(yaml.safe_dump(job_document(job), sort_keys=False))
     return LocalRun(job_file, job, out, max_restarts).run()

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from fedjob.errors import EXIT_PERMANENT, PermanentError, write_termination_message
-from fedjob.spec import SpecError, load_job, local_path_problems
+from fedjob.spec import FederatedJob, SpecError, load_job, local_path_problems
 from fedjob_cli.parent_watch import watch_parent_from_env
 
 DEFAULT_CACHE = Path(os.environ.get("FEDJOB_CACHE", Path.home() / ".cache" / "fedjob"))
@@ -25,10 +25,12 @@ def _setup_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _job(path: str, check_paths: bool = True, silos: list[str] | None = None):  # type: ignore[no-untyped-def]
-    """The job, with its folders, model and (the given silos') data checked when `check_paths`:
-    a mistake no restart can fix is refused here, with its reason, before anything starts."""
-    job = load_job(path)
+def _job(
+    path: str, check_paths: bool = True, silos: list[str] | None = None, overrides: list[str] | None = None
+) -> FederatedJob:
+    """The job (with `--set` overrides), its folders, model and (the given silos') data checked when
+    `check_paths`: a mistake no restart can fix is refused here, with its reason, before anything starts."""
+    job = load_job(path, overrides or ())
     if check_paths:
         problems = local_path_problems(job, silos=silos)
         if not problems:
@@ -41,7 +43,7 @@ def _job(path: str, check_paths: bool = True, silos: list[str] | None = None):  
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    job = _job(args.file, check_paths=args.check_paths)
+    job = _job(args.file, check_paths=args.check_paths, overrides=args.set)
     print(
         f"{args.file}: valid FederatedJob {job.name!r} ({len(job.spec.silos)} silos, "
         f"{job.spec.rounds} rounds, mode {job.spec.training.mode})"
@@ -121,9 +123,11 @@ def cmd_operator(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from fedjob_cli.local_run import run_local
 
-    job = _job(args.file)
+    job = _job(args.file, overrides=args.set)
     out = Path(args.out) if args.out else Path("runs") / job.name
-    return run_local(Path(args.file), job, out, fresh=args.fresh, max_restarts=args.max_restarts)
+    return run_local(
+        Path(args.file), job, out, fresh=args.fresh, max_restarts=args.max_restarts, overridden=bool(args.set)
+    )
 
 
 def cmd_example(args: argparse.Namespace) -> int:
@@ -181,13 +185,27 @@ def cmd_warmup(args: argparse.Namespace) -> int:
     return 0
 
 
+JOB_FILE = "the FederatedJob YAML file (relative paths in it resolve against its folder)"
+SET_HELP = (
+    "override one field for this run, as PATH=VALUE with a YAML value: spec.rounds=4, "
+    "spec.training.lora.r=16, spec.silos[0].localSteps=5 (repeatable)"
+)
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedjob", description="Federated training of language models.")
-    p.add_argument("--log-level", default=os.environ.get("FEDJOB_LOG_LEVEL", "info"))
+    p.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=LOG_LEVELS,
+        default=os.environ.get("FEDJOB_LOG_LEVEL", "info").lower(),
+        help="logging threshold of every component (default: info, or $FEDJOB_LOG_LEVEL)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("run", help="run a whole FederatedJob on this machine (aggregator + every silo)")
-    s.add_argument("file")
+    s.add_argument("file", help=JOB_FILE)
     s.add_argument("--out", help="output folder (default runs/<job name>)")
     s.add_argument("--fresh", action="store_true", help="discard an earlier run's checkpoints in --out")
     s.add_argument(
@@ -196,10 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=10,
         help="restart a crashed aggregator or silo this many times (default 10)",
     )
+    s.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", help=SET_HELP)
     s.set_defaults(fn=cmd_run)
 
     s = sub.add_parser("validate", help="check a FederatedJob file and list every problem")
-    s.add_argument("file")
+    s.add_argument("file", help=JOB_FILE)
     s.add_argument(
         "--check-paths",
         action=argparse.BooleanOptionalAction,
@@ -208,34 +227,42 @@ def build_parser() -> argparse.ArgumentParser:
         "names a known model type, weights are there, sequenceLength and the vocabulary fit the model, "
         "every adapter target module exists, each silo's text is UTF-8 and at least one window long",
     )
+    s.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", help=SET_HELP)
     s.set_defaults(fn=cmd_validate)
 
     s = sub.add_parser("certs", help="create the job CA and every certificate")
-    s.add_argument("file")
-    s.add_argument("--out", required=True)
-    s.add_argument("--days", type=int, default=365)
+    s.add_argument("file", help=JOB_FILE)
+    s.add_argument("--out", required=True, help="folder for ca.crt/key, aggregator, observer and silo pairs")
+    s.add_argument("--days", type=int, default=365, help="validity of every certificate (default 365)")
     s.set_defaults(fn=cmd_certs)
 
     s = sub.add_parser("aggregator", help="serve the aggregator of a job")
-    s.add_argument("file")
-    s.add_argument("--certs", required=True)
+    s.add_argument("file", help=JOB_FILE)
+    s.add_argument("--certs", required=True, help="folder written by `fedjob certs` (or the mounted Secret)")
     s.add_argument("--workdir", required=True, help="checkpoints, metrics and the result go here")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=50051)
-    s.add_argument("--metrics-port", type=int, default=9090)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=50051, help="gRPC port (default 50051; 0: any free port)")
+    s.add_argument(
+        "--metrics-port", type=int, default=9090, help="Prometheus /metrics port (default 9090; 0: any)"
+    )
     s.add_argument(
         "--exit-after",
         type=float,
         metavar="SECONDS",
         help="exit this long after the job ends (default: keep serving status until stopped)",
     )
-    s.add_argument("--check-paths", action=argparse.BooleanOptionalAction, default=True)
+    s.add_argument(
+        "--check-paths",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="check the model folder before serving (default: on)",
+    )
     s.set_defaults(fn=cmd_aggregator)
 
     s = sub.add_parser("worker", help="run one silo of a job")
-    s.add_argument("file")
-    s.add_argument("--silo", required=True)
-    s.add_argument("--certs", required=True)
+    s.add_argument("file", help=JOB_FILE)
+    s.add_argument("--silo", required=True, help="which of spec.silos this process is")
+    s.add_argument("--certs", required=True, help="folder with ca.crt and silo-<name>.crt/key")
     s.add_argument("--aggregator", required=True, help="host:port of the aggregator")
     s.add_argument("--server-name", help="TLS name to expect on the aggregator's certificate")
     s.add_argument(
@@ -246,23 +273,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("operator", help="run the Kubernetes operator (Kopf)")
     s.add_argument("--namespace", action="append", help="namespace to watch (repeatable; default: all)")
-    s.add_argument("--metrics-port", type=int, default=8080)
+    s.add_argument(
+        "--metrics-port",
+        type=int,
+        default=8080,
+        help="Prometheus /metrics port of the operator (default 8080)",
+    )
     s.add_argument("--liveness", default="http://0.0.0.0:8081/healthz", help="Kopf liveness endpoint")
     s.set_defaults(fn=cmd_operator)
 
     s = sub.add_parser("example", help="build the tiny example model and the example silo data")
-    s.add_argument("--out", default="examples")
-    s.add_argument("--force", action="store_true")
+    s.add_argument("--out", default="examples", help="folder for models/ and data/ (default examples)")
+    s.add_argument("--force", action="store_true", help="rebuild even if they exist")
     s.set_defaults(fn=cmd_example)
 
     data = sub.add_parser("data", help="data tooling").add_subparsers(dest="data_command", required=True)
     s = data.add_parser("split", help="non-IID silo folders from several sources (Dirichlet or by source)")
     s.add_argument("sources", nargs="+", help="one folder (or .txt file) per source")
-    s.add_argument("--silos", type=int, required=True)
-    s.add_argument("--out", required=True)
+    s.add_argument("--silos", type=int, required=True, help="how many silo folders to make")
+    s.add_argument("--out", required=True, help="folder for silo-0, silo-1, ...")
     s.add_argument("--alpha", type=float, default=1.0, help="Dirichlet concentration: small = more skewed")
     s.add_argument("--by-source", action="store_true", help="silo i gets exactly source i")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
     s.set_defaults(fn=cmd_data_split)
 
     s = sub.add_parser("crd", help="print the FederatedJob CustomResourceDefinition")

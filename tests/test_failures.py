@@ -296,3 +296,36 @@ def test_a_second_ctrl_c_while_stopping_leaves_no_traceback_and_no_process(
     assert "interrupted; stopping" in output
     _, alive = psutil.wait_procs(children, timeout=30)
     assert not alive, [p.pid for p in alive]
+
+
+def test_an_unknown_log_level_is_a_usage_error_not_a_traceback() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedjob_cli.main", "--log-level", "LOUD", "validate", "x.yaml"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "argument --log-level: invalid choice: 'loud'" in proc.stderr
+
+
+def test_every_option_has_help_text() -> None:
+    import argparse
+
+    from fedjob_cli.main import build_parser
+
+    def parsers(p: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+        out = [p]
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for sub in a.choices.values():
+                    out += parsers(sub)
+        return out
+
+    bare = [
+        f"{p.prog} {a.dest}"
+        for p in parsers(build_parser())
+        for a in p._actions
+        if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction)) and not a.help
+    ]
+    assert not bare, bare

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedjob.spec import SpecError, load_job, local_path_problems, parse_job
+from fedjob.spec import SpecError, job_document, load_job, local_path_problems, parse_job
 from tests.conftest import job_doc
 
 
@@ -182,3 +182,43 @@ def test_cli_worker_refuses_a_silo_that_is_not_in_the_job(tmp_path: Path) -> Non
     r = _cli("worker", str(f), "--silo", "gamma", "--certs", str(tmp_path), "--aggregator", "127.0.0.1:1")
     assert r.returncode == 2
     assert "silo 'gamma' is not in job 'demo'" in r.stderr
+
+
+def test_every_problem_is_listed_in_one_pass() -> None:
+    doc = job_doc(
+        aggregation={"minSilos": 9, "robust": {"rule": "median"}},
+        training={"mode": "adapter", "adapter": {"targetModules": ["c_attn"], "feedforwardModules": ["mlp"]}},
+        compression={"uplink": [{"topk": {"fraction": 0.1}}]},
+    )
+    with pytest.raises(SpecError) as info:
+        parse_job(doc)
+    assert [p.split(":")[0] for p in info.value.problems] == [
+        "spec.aggregation.minSilos",
+        "spec.training.adapter.feedforwardModules",
+        "spec.compression.uplink",  # topk with a median: its own group, reported too
+    ]
+
+
+def test_set_overrides_fields_with_yaml_values_and_names_a_path_that_does_not_exist(tmp_path: Path) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job_doc()))
+    job = load_job(
+        path, ["spec.rounds=7", "spec.silos[1].localSteps=3", "spec.training.lora.targetModules=[c_fc]"]
+    )
+    assert (job.spec.rounds, job.spec.silos[1].local_steps) == (7, 3)
+    assert job.spec.training.lora.target_modules == ["c_fc"]
+    assert parse_job(job_document(job)) == job  # what `fedjob run` hands its components
+    for bad, why in [
+        ("spec.rounds", "expected PATH=VALUE"),
+        ("spec.silos[5].localSteps=3", "no item [5] there"),
+        ("spec.rounds.x=3", "'x' is not inside a mapping"),
+        ("spec.bad-name=1", "is not a field name"),
+    ]:
+        with pytest.raises(SpecError) as info:
+            load_job(path, [bad])
+        assert info.value.problems == (f"--set {bad}: {why}",) or why in info.value.problems[0]
+    with pytest.raises(SpecError) as info:
+        load_job(path, ["spec.rounds=many"])
+    assert info.value.problems == (
+        "spec.rounds: input should be a valid integer, unable to parse string as an integer",
+    )
