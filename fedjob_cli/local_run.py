@@ -349,6 +349,8 @@ class LocalRun:
                 f" | train {lr.train_loss:.4f}{ev} | {lr.participants} silos | up {lr.bytes_up:,} B"
                 f" (x{lr.compression_ratio:.1f}){dp} | {lr.seconds:.1f} s"
             )
+        elif not math.isnan(st.initial_eval_loss):
+            tail = f" | starting model: eval {st.initial_eval_loss:.4f}"
         return f"[{time.time() - started:6.1f}s] round {st.round}/{st.total_rounds} {st.phase}{tail}"
 
     def _uplink(self) -> str:
@@ -441,6 +443,21 @@ class LocalRun:
             "seconds",
             title=f"{self.job.name}: per-round results",
         )
+        if history and ("initial_eval_loss" in history[0] or "initial_federated_eval_loss" in history[0]):
+            first = history[0]
+            table.add_row(  # the starting model: what every round is read against
+                "0",
+                "-",
+                *("-" for _ in self.job.spec.silos),
+                f"{first['initial_eval_loss']:.4f}" if "initial_eval_loss" in first else "-",
+                f"{first['initial_federated_eval_loss']:.4f}"
+                if "initial_federated_eval_loss" in first
+                else "-",
+                "-",
+                "-",
+                *(["-"] if self.job.spec.privacy.dp else []),
+                "-",
+            )
         for r in history:
             table.add_row(
                 str(r["round"]),
@@ -495,7 +512,8 @@ def plot_losses(history: list[dict[str, Any]], path: Path) -> None:
         pts = [(r["round"], r["silo_train_loss"][s]) for r in history if s in r["silo_train_loss"]]
         ax.plot(*zip(*pts, strict=True), marker="o", label=f"{s} (train)")
     ax.plot([r["round"] for r in history], [r["train_loss"] for r in history], "k--", label="mean train")
-    ev = [(r["round"], r["eval_loss"]) for r in history if r["eval_loss"] is not None]
+    ev = [(0, r["initial_eval_loss"]) for r in history[:1] if "initial_eval_loss" in r]
+    ev += [(r["round"], r["eval_loss"]) for r in history if r["eval_loss"] is not None]
     if ev:
         ax.plot(*zip(*ev, strict=True), "k-", linewidth=2, label="global eval")
     # Federated: the silos' held-out losses, from the initial model (round 0) on.

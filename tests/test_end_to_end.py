@@ -97,6 +97,13 @@ def test_lora_job_with_zero2_trains_and_the_adapter_loads(assets: Path, tmp_path
         assert r["federated_eval_loss"] == pytest.approx((2 * losses["code"] + losses["docs"]) / 3)
     assert set(rounds[0]["initial_silo_eval_loss"]) == {"code", "docs"}
     assert rounds[-1]["federated_eval_loss"] < rounds[0]["initial_federated_eval_loss"]
+    # The aggregator evaluated the starting model too: the round-0 baseline, in the summary's first row.
+    assert rounds[-1]["eval_loss"] < rounds[0]["initial_eval_loss"]
+    assert (
+        "│ 0 " in proc.stdout
+        or "0 │" in proc.stdout
+        or f"{rounds[0]['initial_eval_loss']:.4f}" in proc.stdout
+    )
     assert (out / "loss.png").stat().st_size > 1000
     # The two-process silo trained on both ranks and exited cleanly.
     silo_log = (out / "logs" / "silo-code.log").read_text()

@@ -131,7 +131,12 @@ class Coordinator:
             )
             if manifest_of(state) != self.manifest:
                 raise RuntimeError("the initial state does not match its manifest")
-            ckpt = Checkpoint(0, state, [], extra={"spec": self.identity})
+            extra: dict[str, Any] = {"spec": self.identity}
+            if self.evaluate is not None:
+                # The baseline every round's eval loss is read against: the model before round 1.
+                extra["initial_eval_loss"] = self.evaluate(state)
+                log.info("round 0: eval loss %.4f (the starting model)", extra["initial_eval_loss"])
+            ckpt = Checkpoint(0, state, [], extra=extra)
             self.store.save(ckpt)
         else:
             self._check_resumable(ckpt)
@@ -152,6 +157,7 @@ class Coordinator:
             broadcast_id = str(ckpt.extra["broadcast_id"]) if resumed else None
             self.broadcast = Broadcast(encoder, workdir / "downlink", copy, broadcast_id)
         self.recorder = RoundRecorder(workdir / "metrics.jsonl", ckpt.history)
+        self.initial_eval_loss = float(ckpt.extra.get("initial_eval_loss", math.nan))
         self.final_evaluation_done = bool(ckpt.extra.get("final_evaluation_done", False))
         del ckpt
         self.current: RoundState | None = None
@@ -366,6 +372,12 @@ class Coordinator:
             "silo_bytes_up": dict(sorted(rnd.bytes_up.items())),
             "compression_ratio": rnd.raw_up / sent_up if sent_up else None,
             "rejected_updates": rnd.rejected,
+            # The first round's record carries the starting model's eval loss (the baseline).
+            **(
+                {"initial_eval_loss": self.initial_eval_loss}
+                if rnd.number == 1 and not math.isnan(self.initial_eval_loss)
+                else {}
+            ),
             **({"sampled": sorted(rnd.sampled)} if len(rnd.sampled) < len(self.silos) else {}),
             **downlink,
             **privacy,
@@ -403,6 +415,11 @@ class Coordinator:
                 broadcast=self.broadcast.state if self.broadcast is not None else {},
                 extra={
                     "spec": self.identity,
+                    **(
+                        {}
+                        if math.isnan(self.initial_eval_loss)
+                        else {"initial_eval_loss": self.initial_eval_loss}
+                    ),
                     **({"broadcast_id": self.broadcast.id} if self.broadcast is not None else {}),
                 },
             ),
@@ -609,6 +626,7 @@ class Coordinator:
                 last_round=rm,
                 message=self.message,
                 updates_rejected=self.rejected_total,
+                initial_eval_loss=self.initial_eval_loss,
                 **self.recorder.latest_federated_eval(),
             )
             if self.dp is not None:

@@ -236,7 +236,7 @@ class RoundMetrics(_message.Message):
     def __init__(self, round: _Optional[int] = ..., train_loss: _Optional[float] = ..., eval_loss: _Optional[float] = ..., participants: _Optional[int] = ..., bytes_up: _Optional[int] = ..., bytes_down: _Optional[int] = ..., compression_ratio: _Optional[float] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class JobStatus(_message.Message):
-    __slots__ = ("job", "phase", "round", "total_rounds", "silos", "last_round", "message", "updates_rejected", "federated_eval_loss", "federated_eval_round", "dp", "dp_epsilon", "dp_delta", "dp_target_epsilon", "privacy_budget_spent")
+    __slots__ = ("job", "phase", "round", "total_rounds", "silos", "last_round", "message", "updates_rejected", "federated_eval_loss", "federated_eval_round", "dp", "dp_epsilon", "dp_delta", "dp_target_epsilon", "privacy_budget_spent", "initial_eval_loss")
     JOB_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -252,6 +252,7 @@ class JobStatus(_message.Message):
     DP_DELTA_FIELD_NUMBER: _ClassVar[int]
     DP_TARGET_EPSILON_FIELD_NUMBER: _ClassVar[int]
     PRIVACY_BUDGET_SPENT_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
     job: str
     phase: str
     round: int
@@ -267,4 +268,5 @@ class JobStatus(_message.Message):
     dp_delta: float
     dp_target_epsilon: float
     privacy_budget_spent: bool
-    def __init__(self, job: _Optional[str] = ..., phase: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., silos: _Optional[_Iterable[_Union[SiloStatus, _Mapping]]] = ..., last_round: _Optional[_Union[RoundMetrics, _Mapping]] = ..., message: _Optional[str] = ..., updates_rejected: _Optional[int] = ..., federated_eval_loss: _Optional[float] = ..., federated_eval_round: _Optional[int] = ..., dp: _Optional[bool] = ..., dp_epsilon: _Optional[float] = ..., dp_delta: _Optional[float] = ..., dp_target_epsilon: _Optional[float] = ..., privacy_budget_spent: _Optional[bool] = ...) -> None: ...
+    initial_eval_loss: float
+    def __init__(self, job: _Optional[str] = ..., phase: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., silos: _Optional[_Iterable[_Union[SiloStatus, _Mapping]]] = ..., last_round: _Optional[_Union[RoundMetrics, _Mapping]] = ..., message: _Optional[str] = ..., updates_rejected: _Optional[int] = ..., federated_eval_loss: _Optional[float] = ..., federated_eval_round: _Optional[int] = ..., dp: _Optional[bool] = ..., dp_epsilon: _Optional[float] = ..., dp_delta: _Optional[float] = ..., dp_target_epsilon: _Optional[float] = ..., privacy_budget_spent: _Optional[bool] = ..., initial_eval_loss: _Optional[float] = ...) -> None: ...
