@@ -385,7 +385,9 @@ class LocalRun:
             # How its latest update counted, and how it compared with the round's aggregate.
             share = f"{s.weight_share:.2f}" if s.scored_round else ""
             cos = f"{s.update_cosine:+.2f}" if s.scored_round else ""
-            silos.add_row(s.name, s.state, str(s.last_round or ""), loss, f"{s.bytes_up:,}", share, cos)
+            # Within the round: downloading, evaluating, training k/n (from the silo's reports).
+            state = s.progress if s.progress and s.state == "training" else s.state
+            silos.add_row(s.name, state, str(s.last_round or ""), loss, f"{s.bytes_up:,}", share, cos)
         parts: list[Any] = [head, silos]
         if st.last_round.round:
             lr = st.last_round

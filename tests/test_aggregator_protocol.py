@@ -386,3 +386,17 @@ def test_an_evaluation_with_another_window_count_is_refused(
     hdr = header(agg, eval_loss=3.0, eval_samples=8)
     assert stub.UploadUpdate(messages(agg, ones_like(small_state), hdr=hdr)).accepted
     assert agg.metrics.rejections_by_reason.labels(agg.job.name, "bad_eval")._value.get() == 2
+
+
+def test_a_silos_progress_within_the_round_reaches_the_status(live_aggregator: LiveAggregator) -> None:  # type: ignore[no-untyped-def]
+    agg = live_aggregator
+    stub = agg.stub("silo-alpha")
+    stub.Join(pb.JoinRequest(expected_silo="alpha"))
+    assert stub.GetTask(pb.TaskRequest(after_round=0, wait_seconds=5)).state == pb.Task.TRAIN
+    stub.ReportProgress(pb.ProgressReport(round=1, phase="training", step=12, steps=30))
+    alpha = next(s for s in agg.coord.status().silos if s.name == "alpha")
+    assert alpha.progress == "training 12/30"
+    stub.ReportProgress(pb.ProgressReport(round=0, phase="uploading"))  # a stale round: dropped
+    assert next(s for s in agg.coord.status().silos if s.name == "alpha").progress == "training 12/30"
+    err = refused(lambda: stub.ReportProgress(pb.ProgressReport(round=1, phase="napping")))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and err.details().startswith("bad_message:")

@@ -245,6 +245,7 @@ class Coordinator:
         )
         self._spare = None
         for name, s in self.silos.items():
+            s.progress = ""
             if s.state != "absent":
                 s.state = "waiting" if name in sampled else "resting"
         log.info("round %d open (deadline in %.0f s)", number, self.spec.aggregation.round_deadline_seconds)
@@ -596,6 +597,19 @@ class Coordinator:
             )
         return rnd
 
+    PROGRESS_PHASES = ("downloading", "training", "evaluating", "uploading")
+
+    def report_progress(self, silo: str, round_number: int, phase: str, step: int, steps: int) -> None:
+        """Where a silo is within the open round, for status (a stale round's report is dropped)."""
+        if phase not in self.PROGRESS_PHASES or step > steps or steps > 10_000_000:
+            raise Refused("INVALID_ARGUMENT", "bad_message", f"not a progress report: {phase} {step}/{steps}")
+        with self.cond:
+            self._saw(silo)
+            rnd = self.current
+            if rnd is None or rnd.number != round_number or silo in rnd.reported:
+                return
+            self.silos[silo].progress = f"{phase} {step}/{steps}" if steps else phase
+
     def count_rejection(self, silo: str) -> None:
         with self.cond:
             self.rejected_total += 1
@@ -645,6 +659,7 @@ def _silo_status(name: str, s: SiloState) -> pb.SiloStatus:
         last_round=s.last_round,
         last_train_loss=s.last_train_loss,
         bytes_up=s.bytes_up,
+        progress=s.progress,
     )
     if s.last_score is not None:
         sc = s.last_score

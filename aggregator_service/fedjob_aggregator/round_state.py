@@ -36,6 +36,7 @@ class SiloState:
     bytes_down: int = 0
     last_score: UpdateScore | None = None
     scored_round: int = 0
+    progress: str = ""  # within the open round, as the silo last reported it
 
 
 @dataclass

@@ -227,6 +227,15 @@ class FederatedTrainingServicer(pb_grpc.FederatedTrainingServicer):
                 self._refuse(context, silo, exc, counted=exc.reason != "stale_round")
         return pb.EvaluationReceipt(round=request.round)
 
+    def ReportProgress(self, request: pb.ProgressReport, context: grpc.ServicerContext) -> pb.ProgressReceipt:
+        silo = self._silo(context)
+        with self._admitted(context, silo, "other"):
+            try:
+                self.coord.report_progress(silo, request.round, request.phase, request.step, request.steps)
+            except Refused as exc:
+                self._refuse(context, silo, exc)
+        return pb.ProgressReceipt()
+
     def GetStatus(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.JobStatus:
         ident = self._identity(context)
         with self._admitted(context, f"{ident.role}/{ident.name}", "status"):

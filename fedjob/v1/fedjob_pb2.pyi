@@ -147,6 +147,22 @@ class EvaluationReceipt(_message.Message):
     round: int
     def __init__(self, round: _Optional[int] = ...) -> None: ...
 
+class ProgressReport(_message.Message):
+    __slots__ = ("round", "phase", "step", "steps")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    phase: str
+    step: int
+    steps: int
+    def __init__(self, round: _Optional[int] = ..., phase: _Optional[str] = ..., step: _Optional[int] = ..., steps: _Optional[int] = ...) -> None: ...
+
+class ProgressReceipt(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class UpdateTrailer(_message.Message):
     __slots__ = ("total_chunks",)
     TOTAL_CHUNKS_FIELD_NUMBER: _ClassVar[int]
@@ -192,7 +208,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SiloStatus(_message.Message):
-    __slots__ = ("name", "state", "last_round", "last_train_loss", "bytes_up", "scored_round", "update_norm", "update_cosine", "update_norm_zscore", "weight_share")
+    __slots__ = ("name", "state", "last_round", "last_train_loss", "bytes_up", "scored_round", "update_norm", "update_cosine", "update_norm_zscore", "weight_share", "progress")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     LAST_ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -203,6 +219,7 @@ class SiloStatus(_message.Message):
     UPDATE_COSINE_FIELD_NUMBER: _ClassVar[int]
     UPDATE_NORM_ZSCORE_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_SHARE_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
     name: str
     state: str
     last_round: int
@@ -213,7 +230,8 @@ class SiloStatus(_message.Message):
     update_cosine: float
     update_norm_zscore: float
     weight_share: float
-    def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., last_round: _Optional[int] = ..., last_train_loss: _Optional[float] = ..., bytes_up: _Optional[int] = ..., scored_round: _Optional[int] = ..., update_norm: _Optional[float] = ..., update_cosine: _Optional[float] = ..., update_norm_zscore: _Optional[float] = ..., weight_share: _Optional[float] = ...) -> None: ...
+    progress: str
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., last_round: _Optional[int] = ..., last_train_loss: _Optional[float] = ..., bytes_up: _Optional[int] = ..., scored_round: _Optional[int] = ..., update_norm: _Optional[float] = ..., update_cosine: _Optional[float] = ..., update_norm_zscore: _Optional[float] = ..., weight_share: _Optional[float] = ..., progress: _Optional[str] = ...) -> None: ...
 
 class RoundMetrics(_message.Message):
     __slots__ = ("round", "train_loss", "eval_loss", "participants", "bytes_up", "bytes_down", "compression_ratio", "seconds")

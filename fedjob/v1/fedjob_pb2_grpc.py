@@ -69,6 +69,11 @@ class FederatedTrainingStub:
                 request_serializer=fedjob_dot_v1_dot_fedjob__pb2.EvaluationReport.SerializeToString,
                 response_deserializer=fedjob_dot_v1_dot_fedjob__pb2.EvaluationReceipt.FromString,
                 _registered_method=True)
+        self.ReportProgress = channel.unary_unary(
+                '/fedjob.v1.FederatedTraining/ReportProgress',
+                request_serializer=fedjob_dot_v1_dot_fedjob__pb2.ProgressReport.SerializeToString,
+                response_deserializer=fedjob_dot_v1_dot_fedjob__pb2.ProgressReceipt.FromString,
+                _registered_method=True)
 
 
 class FederatedTrainingServicer:
@@ -126,6 +131,14 @@ class FederatedTrainingServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportProgress(self, request, context):
+        """Where a silo is within the open round (downloading, training step k of n, evaluating,
+        uploading), for status; best effort, at most every few seconds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederatedTrainingServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -163,6 +176,11 @@ def add_FederatedTrainingServicer_to_server(servicer, server):
                     servicer.ReportEvaluation,
                     request_deserializer=fedjob_dot_v1_dot_fedjob__pb2.EvaluationReport.FromString,
                     response_serializer=fedjob_dot_v1_dot_fedjob__pb2.EvaluationReceipt.SerializeToString,
+            ),
+            'ReportProgress': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportProgress,
+                    request_deserializer=fedjob_dot_v1_dot_fedjob__pb2.ProgressReport.FromString,
+                    response_serializer=fedjob_dot_v1_dot_fedjob__pb2.ProgressReceipt.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -354,6 +372,33 @@ class FederatedTraining:
             '/fedjob.v1.FederatedTraining/ReportEvaluation',
             fedjob_dot_v1_dot_fedjob__pb2.EvaluationReport.SerializeToString,
             fedjob_dot_v1_dot_fedjob__pb2.EvaluationReceipt.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportProgress(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedjob.v1.FederatedTraining/ReportProgress',
+            fedjob_dot_v1_dot_fedjob__pb2.ProgressReport.SerializeToString,
+            fedjob_dot_v1_dot_fedjob__pb2.ProgressReceipt.FromString,
             options,
             channel_credentials,
             insecure,

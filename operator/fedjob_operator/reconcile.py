@@ -360,6 +360,8 @@ def status_from(
         s = silo_states.get(name)
         if s is not None:
             entry.update(state=s.state, lastRound=s.last_round, bytesUp=s.bytes_up)
+            if s.progress:
+                entry["progress"] = s.progress
             if not math.isnan(s.last_train_loss):
                 entry["trainLoss"] = round(float(s.last_train_loss), 5)
             if s.scored_round:  # its latest update's anomaly scores (docs/algorithms.md)

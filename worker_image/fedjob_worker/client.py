@@ -158,6 +158,15 @@ class AggregatorClient:
                 raise RoundClosed(details) from None
             raise
 
+    def report_progress(self, round_number: int, phase: str, step: int = 0, steps: int = 0) -> None:
+        """Where this silo is within the round, for the job's status: one try, never in the way."""
+        try:
+            self.stub.ReportProgress(
+                pb.ProgressReport(round=round_number, phase=phase, step=step, steps=steps), timeout=2
+            )
+        except grpc.RpcError as exc:
+            log.debug("progress not reported: %s", exc.code())
+
     def report_evaluation(self, round_number: int, loss: float, samples: int) -> None:
         """The final model's held-out loss (task EVALUATE)."""
         try:

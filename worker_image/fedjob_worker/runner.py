@@ -10,6 +10,7 @@ import signal
 import socket
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -142,6 +143,21 @@ def _broadcast_state(received: State | None, manifest: dict[str, TensorInfo], ra
     return out
 
 
+def _progress(client: Any, round_number: int, every: float = 2.0) -> Callable[[int, int], None] | None:
+    """Rank 0's training-step callback: a progress report at most every `every` seconds."""
+    if client is None:
+        return None
+    last = [0.0]
+
+    def report(done: int, total: int) -> None:
+        now = time.time()
+        if now - last[0] >= every:
+            last[0] = now
+            client.report_progress(round_number, "training", done, total)
+
+    return report
+
+
 def _rank_main(job: FederatedJob, opts: WorkerOptions, rank: int, world: int, port: int) -> int:
     import torch.distributed as dist
 
@@ -210,6 +226,7 @@ def _rank_main(job: FederatedJob, opts: WorkerOptions, rank: int, world: int, po
         received: State | None = None
         if client is not None:
             started = time.time()
+            client.report_progress(round_number, "downloading")
             try:
                 if copy is not None:
                     nbytes = client.download_copy(round_number, copy)
@@ -237,6 +254,8 @@ def _rank_main(job: FederatedJob, opts: WorkerOptions, rank: int, world: int, po
         # Federated evaluation of the model this round starts from, on this silo's held-out text.
         started = time.time()
         trainer.load_global(global_state)
+        if client is not None and trainer.eval_samples:
+            client.report_progress(round_number, "evaluating")
         evaluation = trainer.evaluate()
         if evaluation is not None:
             log.info(
@@ -255,7 +274,9 @@ def _rank_main(job: FederatedJob, opts: WorkerOptions, rank: int, world: int, po
             evaluated = round_number
             continue
         started = time.time()
-        result = trainer.train(round_number, global_state, extras, load=False)
+        result = trainer.train(
+            round_number, global_state, extras, load=False, on_step=_progress(client, round_number)
+        )
         log.info(
             "round %d: %d local steps, loss %.4f, %.1f s",
             round_number,
@@ -273,6 +294,7 @@ def _rank_main(job: FederatedJob, opts: WorkerOptions, rank: int, world: int, po
             seed = zlib.crc32(f"{job.spec.training.seed}/{round_number}/{opts.silo}".encode())
             uplink.pipeline.owe_wire_error(update, codec, comp.chunk_bytes, seed)
             delta = {**update.deltas, **update.extras}
+            client.report_progress(round_number, "uploading")
             try:
                 sent = client.upload(
                     round_number,

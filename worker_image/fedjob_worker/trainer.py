@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -249,10 +250,15 @@ class LocalTrainer:
     # ----- a round ---------------------------------------------------------------------------------
 
     def train(
-        self, round_number: int, global_state: State, extras: State | None = None, load: bool = True
+        self,
+        round_number: int,
+        global_state: State,
+        extras: State | None = None,
+        load: bool = True,
+        on_step: Callable[[int, int], None] | None = None,
     ) -> RoundResult:
         """`load=False`: the caller already loaded `global_state` (load_global) and ran nothing
-        but evaluation since."""
+        but evaluation since. `on_step(done, total)` after each local step (progress reports)."""
         import torch
         import torch.distributed as dist
 
@@ -268,7 +274,9 @@ class LocalTrainer:
         torch.manual_seed(zlib.crc32(np.asarray(key, dtype=np.int64).tobytes()))
         adjust = GradientAdjustment.for_job(self.job, global_state, extras or {}, engine.device)
         loss_sum = torch.zeros((), dtype=torch.float32, device=engine.device)
-        for _ in range(self.local_steps):
+        for step in range(self.local_steps):
+            if on_step is not None:
+                on_step(step, self.local_steps)
             batch = torch.from_numpy(self.corpus.random_batch(rng, t.batch_size, t.sequence_length))
             batch = batch.to(engine.device, non_blocking=True)
             loss = engine(input_ids=batch, labels=batch).loss
