@@ -387,6 +387,8 @@ class LocalRun:
             cos = f"{s.update_cosine:+.2f}" if s.scored_round else ""
             # Within the round: downloading, evaluating, training k/n (from the silo's reports).
             state = s.progress if s.progress and s.state == "training" else s.state
+            if state == "absent" and any(w.name == s.name and w.poll() is None for w in self.workers):
+                state = "starting"  # its process loads the model before it calls in
             silos.add_row(s.name, state, str(s.last_round or ""), loss, f"{s.bytes_up:,}", share, cos)
         parts: list[Any] = [head, silos]
         if st.last_round.round:
