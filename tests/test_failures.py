@@ -247,15 +247,15 @@ def test_a_planted_stale_lock_does_not_hang_deepspeeds_start(tmp_path: Path) -> 
     folder = extensions / "deepspeed_shm_comm"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "lock").write_text("")  # what a build stopped mid-way leaves
-    old = time.time() - 3600
-    for p in folder.iterdir():
-        os.utime(p, (old, old))
+    old = time.time() - 60
+    os.utime(folder / "lock", (old, old))  # the built op keeps its times: nothing to rebuild
     proc = subprocess.run(
         [sys.executable, "-m", "fedjob_cli.main", "warmup"],
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions)},
+        # No progress for 10 s counts as stale here (180 s by default).
+        env={**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions), "FEDJOB_STALE_LOCK_SECONDS": "10"},
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "removed a stale build lock" in proc.stderr

@@ -19,12 +19,16 @@ from pathlib import Path
 from types import TracebackType
 
 log = logging.getLogger("fedjob.worker")
+# A real build writes an object file or ninja's log at least every minute or so.
+STALE_AFTER_ENV = "FEDJOB_STALE_LOCK_SECONDS"
 
 
 class StaleLockWatch:
-    def __init__(self, root: Path, stale_after: float = 180.0, every: float = 2.0) -> None:
+    def __init__(self, root: Path, stale_after: float | None = None, every: float = 2.0) -> None:
         self.root = root
-        self.stale_after = stale_after
+        self.stale_after = (
+            stale_after if stale_after is not None else float(os.environ.get(STALE_AFTER_ENV, "180"))
+        )
         self.every = every
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
