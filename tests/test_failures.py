@@ -282,6 +282,9 @@ def test_a_second_ctrl_c_while_stopping_leaves_no_traceback_and_no_process(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        # As from a terminal: a shell that started the suite in the background ignores SIGINT, and
+        # its children would inherit that.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     end = time.time() + 180
     while not (out / "metrics.jsonl").exists():  # a round closed: every component is up
