@@ -57,6 +57,7 @@ for algorithm, extra in (("fedavg", {}), ("scaffold", {}), ("fedprox", {"proxima
 if rank == 0:
     open(out, "w").write(json.dumps(report))
 import torch.distributed as dist
+dist.barrier()  # as the runner does: no rank tears down while another still uses the group
 dist.destroy_process_group()  # left to atexit, DeepSpeed's shm communicator can abort the process
 """
 
