@@ -45,6 +45,13 @@ def peak_rss_mib(out: Path) -> float:
     return float(found[-1])
 
 
+def startup_rss_mib(out: Path) -> float:
+    """Libraries loaded, no tensor of the model held yet (the aggregator logs it)."""
+    found = re.findall(r"start-up RSS (\d+) MiB", (out / "logs" / "aggregator.log").read_text())
+    assert found, "the aggregator reports its start-up RSS"
+    return float(found[-1])
+
+
 def spec(assets: Path, model: Path, training: dict[str, Any], codec: str) -> dict[str, Any]:
     return {
         "model": {"path": str(model)},
@@ -77,8 +84,13 @@ def test_a_full_weight_job_on_a_100m_model_keeps_the_aggregator_within_twice_the
     assert [r["round"] for r in rounds] == [1, 2]
     assert all(r["participants"] == ["code", "docs"] for r in rounds)
     state_mib = 4 * params / MIB
-    peak = peak_rss_mib(out)
-    assert peak <= 2 * state_mib + 512, f"peak {peak:.0f} MiB for a {state_mib:.0f} MiB state"
+    peak, startup = peak_rss_mib(out), startup_rss_mib(out)
+    # What the model adds to the process: the global model and the round's sum, plus working
+    # buffers (chunk decoding, checkpoint streaming, allocator slack: 160 MiB). Measured from the
+    # aggregator's own start-up RSS: the libraries' share varies with the machine's state
+    # (about 400 MiB here, up to 60 MiB more late in the full suite).
+    added = peak - startup
+    assert added <= 2 * state_mib + 160, f"the model added {added:.0f} MiB for a {state_mib:.0f} MiB state"
     # The model that comes out is the whole model, written without another copy of it.
     assert (out / "model" / "model.safetensors").stat().st_size > 0.99 * 4 * params
 
