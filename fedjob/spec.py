@@ -483,9 +483,9 @@ class JobSpec(_Spec):
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> JobSpec:
-        # Each group of rules reports its first problem, and every group runs: `fedjob validate`
-        # lists all of them in one pass.
-        problems = []
+        # Every rule runs and adds what it finds: `fedjob validate` lists all problems in one pass
+        # (a rule returns early only where the later ones would make no sense without it).
+        problems: list[str] = []
         for rules in (
             self._silo_rules,
             self._training_rules,
@@ -493,100 +493,97 @@ class JobSpec(_Spec):
             self._uplink_rules,
             self._privacy_rules,
         ):
-            try:
-                rules()
-            except ValueError as exc:
-                problems.append(str(exc))
+            rules(problems)
         if problems:
             raise ValueError("\n".join(problems))
         return self
 
-    def _silo_rules(self) -> None:
+    def _silo_rules(self, problems: list[str]) -> None:
         names = [s.name for s in self.silos]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise ValueError(f"silos: names must be unique, repeated: {', '.join(dupes)}")
+            problems.append(f"silos: names must be unique, repeated: {', '.join(dupes)}")
         if self.aggregation.min_silos > len(self.silos):
-            raise ValueError(f"aggregation.minSilos: must be at most the number of silos ({len(self.silos)})")
+            problems.append(f"aggregation.minSilos: must be at most the number of silos ({len(self.silos)})")
         k = self.aggregation.silos_per_round
         if k is not None and k > len(self.silos):
-            raise ValueError(
+            problems.append(
                 f"aggregation.silosPerRound: must be at most the number of silos ({len(self.silos)})"
             )
         if k is not None and self.aggregation.min_silos > k:
-            raise ValueError(f"aggregation.minSilos: must be at most silosPerRound ({k})")
+            problems.append(f"aggregation.minSilos: must be at most silosPerRound ({k})")
         for i, s in enumerate(self.silos):
             if s.resources.gpus and s.processes != s.resources.gpus:
-                raise ValueError(
+                problems.append(
                     f"silos[{i}].processes: must equal resources.gpus ({s.resources.gpus}): one training "
                     "process per GPU (NCCL refuses two ranks on one GPU, and a GPU without a rank idles)"
                 )
         if self.evaluation.batches == 0:
             for i, s in enumerate(self.silos):
                 if s.data.eval is not None:
-                    raise ValueError(
+                    problems.append(
                         f"silos[{i}].data.eval: needs evaluation.batches > 0 (federated evaluation is off)"
                     )
 
-    def _training_rules(self) -> None:
+    def _training_rules(self, problems: list[str]) -> None:
         a = self.training.adapter
         if self.training.mode == "adapter" and set(a.feedforward_modules) - set(a.target_modules):
             extra = sorted(set(a.feedforward_modules) - set(a.target_modules))
-            raise ValueError(
+            problems.append(
                 f"training.adapter.feedforwardModules: {', '.join(extra)} must also be in targetModules "
                 "(IA3 scales only the modules it targets)"
             )
         if self.training.mode != "pretrain" and self.model.path is None:
-            raise ValueError(
+            problems.append(
                 f"model.path: training mode {self.training.mode!r} starts from a pretrained model"
             )
 
-    def _uplink_rules(self) -> None:
+    def _uplink_rules(self, problems: list[str]) -> None:
         c = self.compression
         kinds = [st.kind for st in c.uplink]
         for i, kind in enumerate(kinds):
             if kind in kinds[:i]:
-                raise ValueError(f"compression.uplink[{i}]: {kind} appears twice; each stage at most once")
+                problems.append(f"compression.uplink[{i}]: {kind} appears twice; each stage at most once")
             if kind in UPDATE_STAGES and any(k not in UPDATE_STAGES for k in kinds[:i]):
-                raise ValueError(
+                problems.append(
                     f"compression.uplink[{i}]: {kind} transforms the whole update; it goes before the "
                     "encoding stages (quantize, fp16, bf16, zstd)"
                 )
             if kind in NUMBER_FORMATS and any(k in NUMBER_FORMATS for k in kinds[:i]):
-                raise ValueError(f"compression.uplink[{i}]: {kind}: one number format per chain")
+                problems.append(f"compression.uplink[{i}]: {kind}: one number format per chain")
             if kind == "zstd" and i != len(kinds) - 1:
-                raise ValueError(f"compression.uplink[{i}]: zstd compresses the encoded bytes; it goes last")
-        self._downlink_rules()
+                problems.append(f"compression.uplink[{i}]: zstd compresses the encoded bytes; it goes last")
+        self._downlink_rules(problems)
         encodes = any(k not in UPDATE_STAGES for k in kinds)
         if encodes and ({"codec", "zstd"} & c.model_fields_set):
-            raise ValueError(
+            problems.append(
                 "compression.codec: the uplink's encoding is set in compression.uplink; leave codec and "
                 "zstd out (they apply only when uplink names no encoding)"
             )
         r = self.aggregation.robust
         if "topk" in kinds and r is not None and r.rule in ("median", "trimmedMean"):
-            raise ValueError(
+            problems.append(
                 f"compression.uplink: topk cannot combine with aggregation.robust.rule {r.rule} (each "
                 "silo sends a different few coordinates, so the coordinate-wise rule sees mostly zeros "
                 "and the model barely moves); use multiKrum or normBound"
             )
 
-    def _downlink_rules(self) -> None:
+    def _downlink_rules(self, problems: list[str]) -> None:
         kinds = [st.kind for st in self.compression.downlink]
         for i, kind in enumerate(kinds):
             where = f"compression.downlink[{i}]"
             if kind == "clip":
-                raise ValueError(f"{where}: clip bounds a silo's update; the downlink sends the global model")
+                problems.append(f"{where}: clip bounds a silo's update; the downlink sends the global model")
             if kind in kinds[:i]:
-                raise ValueError(f"{where}: {kind} appears twice; each stage at most once")
+                problems.append(f"{where}: {kind} appears twice; each stage at most once")
             if kind == "topk" and i != 0:
-                raise ValueError(f"{where}: topk selects from the whole change; it goes first")
+                problems.append(f"{where}: topk selects from the whole change; it goes first")
             if kind in NUMBER_FORMATS and any(k in NUMBER_FORMATS for k in kinds[:i]):
-                raise ValueError(f"{where}: {kind}: one number format per chain")
+                problems.append(f"{where}: {kind}: one number format per chain")
             if kind == "zstd" and i != len(kinds) - 1:
-                raise ValueError(f"{where}: zstd compresses the encoded bytes; it goes last")
+                problems.append(f"{where}: zstd compresses the encoded bytes; it goes last")
         if kinds and self.aggregation.algorithm == "scaffold":
-            raise ValueError(
+            problems.append(
                 "compression.downlink: scaffold sends each silo its own control variates with the model; "
                 "a compressed downlink carries the shared model only"
             )
@@ -596,16 +593,18 @@ class JobSpec(_Spec):
         """Silos that train each round (all of them unless aggregation.silosPerRound says fewer)."""
         return self.aggregation.silos_per_round or len(self.silos)
 
-    def _privacy_rules(self) -> None:
+    def _privacy_rules(self, problems: list[str]) -> None:
         """What differential privacy cannot combine with, named with the reason."""
         dp, a = self.privacy.dp, self.aggregation
         if dp is None:
             return
+        before = len(problems)
         n = len(self.silos)
         if dp.noise_multiplier is None and dp.target_epsilon is None:
-            raise ValueError("privacy.dp: set noiseMultiplier, targetEpsilon or both")
+            problems.append("privacy.dp: set noiseMultiplier, targetEpsilon or both")
+            return
         if dp.delta >= 1 / n:
-            raise ValueError(
+            problems.append(
                 f"privacy.dp.delta: must be below 1 / number of silos ({1 / n:.3g}); a delta that large "
                 "allows releasing one silo's update outright"
             )
@@ -615,32 +614,32 @@ class JobSpec(_Spec):
                 if a.robust.rule == "normBound"
                 else "it needs the raw updates, and a differentially private sum has noise only on the whole"
             )
-            raise ValueError(f"aggregation.robust: {a.robust.rule} cannot combine with privacy.dp ({why})")
+            problems.append(f"aggregation.robust: {a.robust.rule} cannot combine with privacy.dp ({why})")
         if a.algorithm in ("scaffold", "fednova"):
             why = (
                 "its control variates would leave the silos unclipped and without noise"
                 if a.algorithm == "scaffold"
                 else "it weighs silos by their own sample and step counts, which the noise does not cover"
             )
-            raise ValueError(f"aggregation.algorithm: {a.algorithm} cannot combine with privacy.dp ({why})")
+            problems.append(f"aggregation.algorithm: {a.algorithm} cannot combine with privacy.dp ({why})")
         if a.max_weight_share < 1:
-            raise ValueError(
+            problems.append(
                 "aggregation.maxWeightShare: privacy.dp weighs every silo equally (a sample-count "
                 "weight would change the sensitivity); leave it at 1"
             )
         if any(st.clip is not None for st in self.compression.uplink):
-            raise ValueError(
+            problems.append(
                 "compression.uplink: a clip stage cannot combine with privacy.dp, whose clipNorm is "
                 "the bound (the silos clip with it when noise is distributed)"
             )
         k = self.silos_per_round
         if dp.noise == "distributed" and dp.adaptive_clipping is not None:
-            raise ValueError(
+            problems.append(
                 "privacy.dp.adaptiveClipping: needs noise central (with distributed noise the silos "
                 "clip with a fixed clipNorm before adding their share)"
             )
         if dp.accountant == "pld" and k < n:
-            raise ValueError(
+            problems.append(
                 "privacy.dp.accountant: pld does not account sampling a fixed number of silos "
                 "(aggregation.silosPerRound); use rdp"
             )
@@ -648,60 +647,62 @@ class JobSpec(_Spec):
         if ac is not None and dp.noise_multiplier is not None:
             sb = ac.count_stddev or k / 20
             if dp.noise_multiplier >= 2 * sb:
-                raise ValueError(
+                problems.append(
                     f"privacy.dp.adaptiveClipping.countStddev: the count's noise ({sb:.3g}) spends more than "
                     f"the whole noiseMultiplier {dp.noise_multiplier:g} allows; it needs countStddev > "
                     f"{dp.noise_multiplier / 2:.3g}"
                 )
-        if k > n:
-            return  # silosPerRound is refused on its own; the budget needs a sample that exists
+        if k > n or len(problems) > before:
+            # silosPerRound is refused on its own, and the budget of a plan with other problems
+            # would only repeat them.
+            return
         # The budget: the noise multiplier it needs, or whether the one given fits.
         try:
             plan_for(self)
         except BudgetError as exc:
-            raise ValueError(str(exc)) from None
+            problems.append(str(exc))
 
-    def _aggregation_rules(self) -> None:
+    def _aggregation_rules(self, problems: list[str]) -> None:
         """Combinations of algorithm and robust rule that cannot work, named with the reason."""
         a, r = self.aggregation, self.aggregation.robust
         if a.max_weight_share < 1 and a.algorithm == "fednova":
-            raise ValueError(
+            problems.append(
                 "aggregation.maxWeightShare: fednova normalises by the silos' own sample counts and "
                 "steps; cap claims with silos[].maxSamples instead"
             )
         if r is None:
             return
         if r.rule == "normBound" and r.max_norm is None:
-            raise ValueError("aggregation.robust.maxNorm: required by rule normBound")
+            problems.append("aggregation.robust.maxNorm: required by rule normBound")
         if r.rule == "normBound":
             return
         if a.algorithm in ("fednova", "scaffold"):
-            raise ValueError(
+            problems.append(
                 f"aggregation.robust.rule: {r.rule} cannot combine with {a.algorithm} ({a.algorithm} "
                 "needs the sample-weighted mean of every update; use normBound)"
             )
         n = len(self.silos)
         if r.rule == "trimmedMean" and int(r.trim_fraction * n) == 0:
-            raise ValueError(
+            problems.append(
                 f"aggregation.robust.trimFraction: {r.trim_fraction} of {n} silos trims nothing; "
                 f"needs at least {1 / n:.3g}"
             )
         if r.rule == "trimmedMean" and 2 * int(r.trim_fraction * a.min_silos) >= a.min_silos:
-            raise ValueError(
+            problems.append(
                 f"aggregation.robust.trimFraction: trimming {r.trim_fraction} of each end leaves nothing "
                 f"of a round with minSilos = {a.min_silos}"
             )
         if r.rule == "multiKrum":
             if a.min_silos < 2 * r.byzantine + 3:
-                raise ValueError(
+                problems.append(
                     f"aggregation.robust.byzantine: multiKrum tolerates f silos only when every round has "
                     f"at least 2f + 3; minSilos is {a.min_silos}, f = {r.byzantine} needs "
                     f"{2 * r.byzantine + 3}"
                 )
             if r.select is not None and r.select > n:
-                raise ValueError(f"aggregation.robust.select: at most the number of silos ({n})")
+                problems.append(f"aggregation.robust.select: at most the number of silos ({n})")
         if r.rule == "median" and a.min_silos < 3:
-            raise ValueError(
+            problems.append(
                 f"aggregation.robust.rule: a median of fewer than 3 updates is their mean; minSilos is "
                 f"{a.min_silos}, needs at least 3"
             )

@@ -197,6 +197,20 @@ def test_every_problem_is_listed_in_one_pass() -> None:
         "spec.training.adapter.feedforwardModules",
         "spec.compression.uplink",  # topk with a median: its own group, reported too
     ]
+    # Several problems of one kind are all named too.
+    twice = job_doc(
+        silos=[{"name": "a", "data": {"path": "/d"}}, {"name": "a", "data": {"path": "/d"}}],
+        aggregation={"minSilos": 3},
+        compression={"uplink": [{"zstd": {}}, {"quantize": {"bits": 4}}, {"fp16": {}}]},
+    )
+    with pytest.raises(SpecError) as info:
+        parse_job(twice)
+    assert info.value.problems == (
+        "spec.silos: names must be unique, repeated: a",
+        "spec.aggregation.minSilos: must be at most the number of silos (2)",
+        "spec.compression.uplink[0]: zstd compresses the encoded bytes; it goes last",
+        "spec.compression.uplink[2]: fp16: one number format per chain",
+    )
 
 
 def test_set_overrides_fields_with_yaml_values_and_names_a_path_that_does_not_exist(tmp_path: Path) -> None:
