@@ -14,7 +14,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -97,6 +97,9 @@ class RunningSum:
         return out
 
 
+S = TypeVar("S", bound="Strategy")
+
+
 class Strategy(ABC):
     """A server-side federated algorithm.
 
@@ -149,6 +152,16 @@ class Strategy(ABC):
     def fold_extra(self, silo: str, info: TensorInfo, offset: int, values: npt.NDArray[np.float32]) -> None:
         """One verified chunk of an extra tensor. Writes, never adds: a resent chunk lands in place."""
         raise ValueError(f"{self.name} takes no extra tensors, got {info.name!r}")
+
+
+def wrapped(strategy: Strategy, kind: type[S]) -> S | None:
+    """The strategy of type `kind` in a chain of wrappers (each holds the next as `inner`), if any."""
+    s: Strategy | None = strategy
+    while s is not None:
+        if isinstance(s, kind):
+            return s
+        s = getattr(s, "inner", None)
+    return None
 
 
 def _add(global_state: State, step: State) -> State:

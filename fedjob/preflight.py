@@ -141,7 +141,9 @@ def _utf8_size(path: Path, block: int = 1 << 20) -> tuple[int, str | None]:
             decoder.decode(b"", final=True)
         except UnicodeDecodeError:
             return size, "it ends inside a multi-byte character"
-    if size and b"\x00" in path.read_bytes()[: 1 << 16]:
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    if b"\x00" in head:
         return size, "NUL bytes: a binary file"
     return size, None
 

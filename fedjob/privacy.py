@@ -27,7 +27,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from fedjob.aggregation import RoundAggregate, Strategy, UpdateMeta
+from fedjob.aggregation import RoundAggregate, Strategy, UpdateMeta, wrapped
 from fedjob.chunking import State, TensorInfo
 from fedjob.codec import F32
 from fedjob.privacy_budget import Ledger, plan_for
@@ -158,12 +158,7 @@ class DifferentialPrivacy(RobustStrategy):
 
 def differential_privacy(strategy: Strategy) -> DifferentialPrivacy | None:
     """The DP wrapper in a chain of strategies, if any."""
-    s: Strategy | None = strategy
-    while s is not None:
-        if isinstance(s, DifferentialPrivacy):
-            return s
-        s = getattr(s, "inner", None)
-    return None
+    return wrapped(strategy, DifferentialPrivacy)
 
 
 class DistributedNoise(UplinkStage):

@@ -219,9 +219,10 @@ class LocalRun:
         )
         index = self._checkpoint_index()
         saved = (index or {}).get("extra", {}).get("spec")
-        if saved is not None and identity_differences(saved, state_identity(self.job.spec)):
+        changed = identity_differences(saved, state_identity(self.job.spec)) if saved is not None else []
+        if changed:
             # The aggregator would refuse it too, after starting; say so before starting anything.
-            differences = "; ".join(identity_differences(saved, state_identity(self.job.spec)))
+            differences = "; ".join(changed)
             self.console.print(
                 f"[red]Job failed (exit {EXIT_PERMANENT}, no restart can fix it): the checkpoint in "
                 f"{self.out / 'checkpoints'} was made with another spec: {differences}; start afresh "

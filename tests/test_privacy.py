@@ -68,6 +68,13 @@ def upload(agg: LiveAggregator, silo: str, delta: State, round_number: int = 1) 
     return receipt
 
 
+def both_report(agg: LiveAggregator, delta: State, round_number: int) -> None:
+    """Silos s0 and s1 upload `delta` for the round, which then closes."""
+    for silo in ("s0", "s1"):
+        upload(agg, silo, delta, round_number)
+    wait_for_round_close(agg, round_number)
+
+
 def accountant_epsilon(
     z: float, rounds: int, silos: int | None = None, per_round: int | None = None
 ) -> float:
@@ -224,9 +231,7 @@ def test_epsilon_in_records_status_and_metrics_agrees_and_survives_an_aggregator
     step = {k: np.full(v.shape, 1e-3, np.float32) for k, v in small_state.items()}
     with serve_live(tmp_path, job, small_state) as agg:
         for r in (1, 2):
-            upload(agg, "s0", step, r)
-            upload(agg, "s1", step, r)
-            wait_for_round_close(agg, r)
+            both_report(agg, step, r)
         eps = agg.coord.history[-1]["dp_epsilon"]
         assert eps == pytest.approx(accountant_epsilon(2.0, 2), rel=1e-6)
         assert agg.coord.history[0]["dp_epsilon"] == pytest.approx(accountant_epsilon(2.0, 1), rel=1e-6)
@@ -239,9 +244,7 @@ def test_epsilon_in_records_status_and_metrics_agrees_and_survives_an_aggregator
     with serve_live(tmp_path, job, small_state) as agg:
         assert agg.coord.completed == 2
         assert agg.coord.status().dp_epsilon == pytest.approx(eps, rel=1e-9)
-        upload(agg, "s0", step, 3)
-        upload(agg, "s1", step, 3)
-        wait_for_round_close(agg, 3)
+        both_report(agg, step, 3)
         assert agg.coord.history[-1]["dp_epsilon"] == pytest.approx(accountant_epsilon(2.0, 3), rel=1e-6)
 
 
@@ -252,9 +255,7 @@ def test_the_job_stops_before_a_round_would_exceed_target_epsilon(tmp_path: Path
     step = {k: np.full(v.shape, 1e-3, np.float32) for k, v in small_state.items()}
     with serve_live(tmp_path, job, small_state) as agg:
         for r in (1, 2):
-            upload(agg, "s0", step, r)
-            upload(agg, "s1", step, r)
-            wait_for_round_close(agg, r)
+            both_report(agg, step, r)
         st = agg.coord.status()
         assert st.phase == "Succeeded" and st.round == 2 and st.privacy_budget_spent
         assert st.message.startswith("privacy budget spent: stopped after round 2 of 5 at epsilon")

@@ -28,7 +28,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from fedjob.aggregation import RoundAggregate, RunningSum, Strategy, UpdateMeta
+from fedjob.aggregation import RoundAggregate, RunningSum, Strategy, UpdateMeta, wrapped
 from fedjob.chunking import State, TensorInfo
 from fedjob.codec import F32
 from fedjob.robust import CollectedRound, CollectingRule, CoordinateSample, cap_shares, cosine, norm_zscores
@@ -158,12 +158,8 @@ class RoundAggregator(ABC):
 
 def collecting_rule(strategy: Strategy) -> CollectingRule | None:
     """The collecting rule inside a chain of wrappers, if any."""
-    s: Strategy | None = strategy
-    while s is not None:
-        if isinstance(s, CollectingRule):
-            return s
-        s = getattr(s, "inner", None)
-    return None
+    # mypy refuses abstract classes as type[...] arguments; isinstance() takes them.
+    return wrapped(strategy, CollectingRule)  # type: ignore[type-abstract]
 
 
 class StreamingAggregator(RoundAggregator):
