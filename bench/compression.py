@@ -26,7 +26,7 @@ from fedjob.codec import Codec  # noqa: E402
 from fedjob.corpora import python_code  # noqa: E402
 from fedjob.modeling import build_model, build_tiny_model, get_state  # noqa: E402
 from fedjob.spec import parse_job  # noqa: E402
-from fedjob.textdata import TextCorpus  # noqa: E402
+from fedjob.windows import TokenStream  # noqa: E402
 
 CODECS = [
     "raw",
@@ -58,12 +58,11 @@ def real_delta(model_dir: Path, mode: str, steps: int = 30) -> dict[str, np.ndar
     )
     model = build_model(job)
     before = get_state(model)
-    corpus = TextCorpus(np.frombuffer(python_code(200_000).encode(), np.uint8), 1)
+    corpus = TokenStream(np.frombuffer(python_code(200_000).encode(), np.uint8), 64)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
     rng = np.random.default_rng(0)
     for _ in range(steps):
-        ids = torch.from_numpy(corpus.random_batch(rng, 8, 64))
-        model(input_ids=ids, labels=ids).loss.backward()
+        model(**corpus.random_batch(rng, 8).model_inputs("cpu")).loss.backward()
         opt.step()
         opt.zero_grad()
     after = get_state(model)

@@ -35,14 +35,12 @@ from fedjob.split import split_sources  # noqa: E402
 def starting_loss(doc: dict[str, Any]) -> float:
     """The held-out eval loss of the model every job starts from (the aggregator's own evaluation)."""
     from fedjob import modeling
-    from fedjob.textdata import TextCorpus
+    from fedjob.silo_data import eval_data
 
     job = parse_job(doc)
-    assert job.spec.eval is not None
-    t = job.spec.training
-    batches = TextCorpus.from_folder(job.spec.eval.path).fixed_batches(
-        job.spec.eval.batches, t.batch_size, t.sequence_length
-    )
+    shared = eval_data(job)
+    assert job.spec.eval is not None and shared is not None
+    batches = shared.fixed_batches(job.spec.eval.batches, job.spec.training.batch_size)
     return float(modeling.mean_loss(modeling.build_model(job), batches))
 
 

@@ -260,8 +260,7 @@ def mean_loss(model: Any, batches: list[Any]) -> float:
     total = torch.zeros((), dtype=torch.float32, device=device)
     with torch.no_grad():
         for b in batches:
-            ids = torch.from_numpy(b).to(device)
-            total += model(input_ids=ids, labels=ids).loss.float()
+            total += model(**b.model_inputs(device)).loss.float()
     return float(total) / max(len(batches), 1)
 
 
@@ -281,11 +280,11 @@ def build_tiny_model(
     """
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from fedjob.textdata import VOCAB_SIZE
+    from fedjob.tokenization import BYTE_VOCAB
 
     seed_everything(seed)
     config = GPT2Config(
-        vocab_size=VOCAB_SIZE,
+        vocab_size=BYTE_VOCAB,
         n_positions=512,
         n_embd=n_embd,
         n_layer=n_layer,
@@ -297,15 +296,14 @@ def build_tiny_model(
     if pretrain_text:
         import torch
 
-        from fedjob.textdata import TextCorpus
+        from fedjob.windows import TokenStream
 
-        corpus = TextCorpus(np.frombuffer(pretrain_text.encode(), dtype=np.uint8), 1)
+        corpus = TokenStream(np.frombuffer(pretrain_text.encode(), dtype=np.uint8), 64)
         rng = np.random.default_rng(seed)
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
         model.train()
         for _ in range(pretrain_steps):
-            ids = torch.from_numpy(corpus.random_batch(rng, 16, 64))
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = model(**corpus.random_batch(rng, 16).model_inputs("cpu")).loss
             loss.backward()
             opt.step()
             opt.zero_grad()

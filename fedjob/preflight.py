@@ -15,8 +15,10 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-from fedjob.spec import FederatedJob
-from fedjob.textdata import VOCAB_SIZE
+from fedjob.data_files import data_files, has_data
+from fedjob.silo_data import supports_packing
+from fedjob.spec import FederatedJob, RecordFormatSpec
+from fedjob.tokenization import BYTE_VOCAB, ModelTokenizer, load_tokenizer, tokenizer_kind
 
 WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json")
 
@@ -60,13 +62,46 @@ def model_problems(job: FederatedJob) -> list[str]:
             f"spec.training.sequenceLength: {t.sequence_length} is above the model's {positions} positions"
         )
     vocab = cfg.get("vocab_size")
-    if isinstance(vocab, int) and vocab < VOCAB_SIZE:
+    problems += _tokenizer_problems(job, vocab if isinstance(vocab, int) else None, where)
+    if t.packing == "packed" and not supports_packing(model_type):
         problems.append(
-            f"{where}: vocab_size {vocab} is below the {VOCAB_SIZE} byte-level tokens the silos' text "
-            "is read as"
+            f"spec.training.packing: packed, but transformers' {model_type} model does not read packed "
+            "sequences from position ids (its attention would cross examples); use padded or auto"
         )
     if not problems and t.mode in ("lora", "adapter"):
         problems += _target_problems(job)
+    return problems
+
+
+def _tokenizer_problems(job: FederatedJob, vocab: int | None, where: str) -> list[str]:
+    """The tokenizer loads, fits the model's embedding table, has a chat template if chat data needs one."""
+    if tokenizer_kind(job) == "bytes":
+        if vocab is not None and vocab < BYTE_VOCAB:
+            return [
+                f"{where}: vocab_size {vocab} is below the {BYTE_VOCAB} byte-level tokens the silos' text "
+                "is read as (training.tokenizer: bytes)"
+            ]
+        return []
+    path = job.spec.model.path
+    try:
+        tok = ModelTokenizer(str(path))
+    except Exception as exc:  # transformers raises many types for a broken tokenizer folder
+        return [f"spec.training.tokenizer: cannot load the tokenizer in {path} ({exc})"]
+    problems = []
+    if vocab is not None and len(tok) > vocab:
+        problems.append(
+            f"spec.training.tokenizer: the tokenizer in {path} has {len(tok)} tokens, the model's "
+            f"vocabulary only {vocab} (config.json vocab_size): ids past it have no embedding"
+        )
+    if not tok.chat_template:
+        sources = [(f"spec.silos[{i}].data.format", s.data.format) for i, s in enumerate(job.spec.silos)]
+        if job.spec.eval is not None:
+            sources.append(("spec.eval.format", job.spec.eval.format))
+        problems += [
+            f"{field}: chat data is rendered with the chat template, and the tokenizer in {path} has none"
+            for field, fmt in sources
+            if fmt == "chat"
+        ]
     return problems
 
 
@@ -102,27 +137,43 @@ def _target_problems(job: FederatedJob) -> list[str]:
     return []
 
 
-def data_problems(job: FederatedJob, silos: Collection[str] | None = None) -> list[str]:
-    """Each silo's text: UTF-8, and at least one training window of it (sequenceLength + 1 bytes)."""
-    problems = []
-    window = job.spec.training.sequence_length + 1
+def data_problems(
+    job: FederatedJob, silos: Collection[str] | None = None, with_eval: bool = True
+) -> list[str]:
+    """Each silo's data (and the shared eval set): readable in its format, every record whole, and
+    at least one training window of tokens once tokenised."""
+    from fedjob.silo_data import DataError, load
+
+    try:
+        tokenizer = load_tokenizer(job)
+    except Exception:  # model_problems names it
+        return []
+    sources: list[tuple[str, str, RecordFormatSpec]] = []
     for i, s in enumerate(job.spec.silos):
         if silos is not None and s.name not in silos:
             continue
-        folder = Path(s.data.path)
-        if not folder.is_dir():
+        sources.append((f"spec.silos[{i}].data.path", s.data.path, s.data))
+        if s.data.eval is not None:
+            sources.append((f"spec.silos[{i}].data.eval.path", s.data.eval.path, s.data))
+    if with_eval and job.spec.eval is not None:
+        sources.append(("spec.eval.path", job.spec.eval.path, job.spec.eval))
+    problems = []
+    for field, path, fmt in sources:
+        if not has_data(Path(path), fmt.format):
             continue  # local_path_problems names it
-        total = 0
-        for path in sorted(folder.rglob("*.txt")):
-            size, bad = _utf8_size(path)
-            if bad is not None:
-                problems.append(f"spec.silos[{i}].data.path: {path} is not UTF-8 text ({bad})")
-            total += size
-        if not problems and total < window:
-            problems.append(
-                f"spec.silos[{i}].data.path: {total} bytes of text in {folder}, fewer than one training "
-                f"window (sequenceLength + 1 = {window})"
-            )
+        if fmt.format == "text":
+            bad = [
+                f"{field}: {f} is not UTF-8 text ({why})"
+                for f in data_files(Path(path), "text")
+                if (why := _utf8_size(f)[1]) is not None
+            ]
+            if bad:
+                problems += bad
+                continue
+        try:
+            load(path, fmt, job, tokenizer)
+        except DataError as exc:
+            problems.append(f"{field}: {exc}")
     return problems
 
 
@@ -152,4 +203,4 @@ def preflight_problems(
     job: FederatedJob, silos: Collection[str] | None = None, model: bool = True
 ) -> list[str]:
     """Everything above for a component: the aggregator (model), a silo (model and its data), validate."""
-    return (model_problems(job) if model else []) + data_problems(job, silos)
+    return (model_problems(job) if model else []) + data_problems(job, silos, with_eval=model)

@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
+from fedjob.data_files import describe_expected, has_data
 from fedjob.privacy_budget import BudgetError, plan_for
 
 API_VERSION = "fedjob.io/v1alpha1"
@@ -42,6 +43,8 @@ PEFT_MODES = ("lora", "prefix", "prompt", "adapter")
 Codec = Literal["none", "fp16", "bf16", "int8"]
 Algorithm = Literal["fedavg", "fedprox", "scaffold", "fednova", "fedadam", "fedyogi", "fedadagrad", "diloco"]
 RobustRule = Literal["median", "trimmedMean", "multiKrum", "normBound"]
+DataFormat = Literal["text", "jsonl", "instruction", "chat"]
+RECORD_FORMATS = ("jsonl", "instruction", "chat")
 
 
 class _Spec(BaseModel):
@@ -153,6 +156,17 @@ class TrainingSpec(_Spec):
     )
     momentum: float = Field(0.0, ge=0, lt=1, description="sgd only.")
     seed: int = Field(0, ge=0)
+    tokenizer: Literal["model", "bytes"] | None = Field(
+        None,
+        description="model: the tokenizer in the model folder (loaded locally, never downloaded); bytes: "
+        "UTF-8 bytes as ids (vocabulary 256). Default: model when the folder has one, else bytes.",
+    )
+    packing: Literal["auto", "packed", "padded"] = Field(
+        "auto",
+        description="instruction and chat examples: packed several to a window (each attends only to "
+        "itself: positions restart per example), or padded one to a window. auto: packed where the "
+        "model and mode support it (transformers' packed-sequence masks; not prefix/prompt tuning).",
+    )
     lora: LoraSpec = Field(default_factory=LoraSpec)
     prompt: PromptSpec = Field(default_factory=PromptSpec)
     adapter: AdapterSpec = Field(default_factory=AdapterSpec)
@@ -160,19 +174,53 @@ class TrainingSpec(_Spec):
 
 
 class HeldOutSpec(_Spec):
-    path: str = Field(min_length=1, description="Folder of UTF-8 .txt files the silo never trains on.")
+    path: str = Field(
+        min_length=1, description="The silo's held-out data, in the silo's format; never trained on."
+    )
     volume: VolumeSpec | None = Field(None, description="In a cluster: the volume holding `path`.")
 
 
-class DataSpec(_Spec):
+class InstructionFieldsSpec(_Spec):
+    """The record fields of instruction data (Alpaca's by default); `input` may be absent or empty."""
+
+    instruction: str = Field("instruction", min_length=1)
+    input: str = Field("input", min_length=1)
+    output: str = Field("output", min_length=1)
+
+
+class RecordFormatSpec(_Spec):
+    """How a data path is read: what its records are and which fields hold the text."""
+
+    format: DataFormat = Field(
+        "text",
+        description="text: .txt files, trained on whole; jsonl: records whose textField is trained on "
+        "whole; instruction: {instruction, input, output} records, loss on the output only; chat: "
+        "{messages: [{role, content}]} records rendered with the tokenizer's chat template, loss on "
+        "assistant turns only. Records are read from .jsonl files, .parquet files or a Hugging Face "
+        "datasets folder (save_to_disk).",
+    )
+    text_field: str = Field("text", min_length=1, description="jsonl: the field holding the text.")
+    instruction_fields: InstructionFieldsSpec = Field(default_factory=InstructionFieldsSpec)
+    messages_field: str = Field("messages", min_length=1, description="chat: the field holding the turns.")
+
+
+class DataSpec(RecordFormatSpec):
     path: str = Field(
-        min_length=1, description="Folder of UTF-8 .txt files (in the pod: where it is mounted)."
+        min_length=1,
+        description="A folder or file of the silo's data in `format` (in the pod: where it is mounted).",
     )
     volume: VolumeSpec | None = Field(None, description="In a cluster: the volume holding `path`.")
     eval: HeldOutSpec | None = Field(
         None,
-        description="The silo's own held-out text for federated evaluation; without it, the tail "
-        "of its text (evaluation.heldOutFraction) is held out.",
+        description="The silo's own held-out data for federated evaluation; without it, evalFraction "
+        "of its data is held out.",
+    )
+    eval_fraction: float | None = Field(
+        None,
+        gt=0,
+        le=0.5,
+        description="Share held out for federated evaluation (default evaluation.heldOutFraction): the "
+        "tail of text, or a seeded sample of instruction/chat examples.",
     )
 
 
@@ -240,7 +288,7 @@ class EvaluationSpec(_Spec):
     )
 
 
-class EvalSpec(_Spec):
+class EvalSpec(RecordFormatSpec):
     """Aggregator-side evaluation: the aggregator loads the whole model (on its GPU if it has one)."""
 
     path: str = Field(min_length=1)
@@ -518,12 +566,20 @@ class JobSpec(_Spec):
                     f"silos[{i}].processes: must equal resources.gpus ({s.resources.gpus}): one training "
                     "process per GPU (NCCL refuses two ranks on one GPU, and a GPU without a rank idles)"
                 )
-        if self.evaluation.batches == 0:
-            for i, s in enumerate(self.silos):
-                if s.data.eval is not None:
-                    problems.append(
-                        f"silos[{i}].data.eval: needs evaluation.batches > 0 (federated evaluation is off)"
-                    )
+        for i, s in enumerate(self.silos):
+            if self.evaluation.batches == 0 and s.data.eval is not None:
+                problems.append(
+                    f"silos[{i}].data.eval: needs evaluation.batches > 0 (federated evaluation is off)"
+                )
+            if s.data.eval is not None and s.data.eval_fraction is not None:
+                problems.append(
+                    f"silos[{i}].data.evalFraction: set either it or data.eval (a held-out path), not both"
+                )
+            if self.training.tokenizer == "bytes" and s.data.format == "chat":
+                problems.append(
+                    f"silos[{i}].data.format: chat data is rendered with the model's chat template; "
+                    "training.tokenizer: bytes has none"
+                )
 
     def _training_rules(self, problems: list[str]) -> None:
         a = self.training.adapter
@@ -537,6 +593,13 @@ class JobSpec(_Spec):
             problems.append(
                 f"model.path: training mode {self.training.mode!r} starts from a pretrained model"
             )
+        if self.training.packing == "packed" and self.training.mode in ("prefix", "prompt"):
+            problems.append(
+                f"training.packing: packed examples need positions that restart per example; "
+                f"{self.training.mode} tuning prepends virtual tokens to the whole window (use padded, auto)"
+            )
+        if self.training.tokenizer == "model" and self.model.path is None:
+            problems.append("training.tokenizer: 'model' needs model.path (a folder with the tokenizer)")
 
     def _uplink_rules(self, problems: list[str]) -> None:
         c = self.compression
@@ -936,15 +999,18 @@ def local_path_problems(
     for i, s in enumerate(job.spec.silos):
         if silos is not None and s.name not in silos:
             continue
-        dp = Path(s.data.path)
-        if not dp.is_dir():
-            problems.append(f"spec.silos[{i}].data.path: folder not found: {dp}")
-        elif not any(dp.rglob("*.txt")):
-            problems.append(f"spec.silos[{i}].data.path: no .txt files in {dp}")
+        problems += _data_path_problems(f"spec.silos[{i}].data.path", s.data.path, s.data)
         if s.data.eval is not None:
-            ep = Path(s.data.eval.path)
-            if not ep.is_dir() or not any(ep.rglob("*.txt")):
-                problems.append(f"spec.silos[{i}].data.eval.path: no folder with .txt files at {ep}")
-    if with_eval and job.spec.eval is not None and not Path(job.spec.eval.path).is_dir():
-        problems.append(f"spec.eval.path: folder not found: {job.spec.eval.path}")
+            problems += _data_path_problems(f"spec.silos[{i}].data.eval.path", s.data.eval.path, s.data)
+    if with_eval and job.spec.eval is not None:
+        problems += _data_path_problems("spec.eval.path", job.spec.eval.path, job.spec.eval)
     return problems
+
+
+def _data_path_problems(field: str, path: str, fmt: RecordFormatSpec) -> list[str]:
+    p = Path(path)
+    if not p.exists():
+        return [f"{field}: not found: {p}"]
+    if has_data(p, fmt.format):
+        return []
+    return [f"{field}: no {fmt.format} data at {p} (expected {describe_expected(fmt.format)})"]

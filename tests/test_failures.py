@@ -117,11 +117,11 @@ BROKEN: dict[str, tuple[Callable[[Path, Path, dict[str, Any]], None], str]] = {
     ),
     "an empty .txt": (
         lambda a, t, s: s["silos"][0]["data"].update(path=text_silo(t, b"")),
-        "spec.silos[0].data.path: 0 bytes of text",
+        "silo-text: 0 tokens, fewer than one training window",
     ),
     "text shorter than one window": (
         lambda a, t, s: s["silos"][0]["data"].update(path=text_silo(t, b"too short")),
-        "spec.silos[0].data.path: 9 bytes of text",
+        "silo-text: 9 tokens, fewer than one training window",
     ),
     "a binary file": (
         lambda a, t, s: s["silos"][0]["data"].update(path=text_silo(t, bytes(range(256)) * 4)),

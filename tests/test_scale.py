@@ -28,10 +28,10 @@ def big_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from fedjob.modeling import seed_everything
-    from fedjob.textdata import VOCAB_SIZE
+    from fedjob.tokenization import BYTE_VOCAB
 
     seed_everything(0)
-    config = GPT2Config(vocab_size=VOCAB_SIZE, n_positions=64, n_embd=768, n_layer=14, n_head=12)
+    config = GPT2Config(vocab_size=BYTE_VOCAB, n_positions=64, n_embd=768, n_layer=14, n_head=12)
     model = GPT2LMHeadModel(config)
     params = sum(p.numel() for p in model.parameters())
     path = tmp_path_factory.mktemp("big") / "gpt2-100m"

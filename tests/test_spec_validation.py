@@ -133,7 +133,7 @@ def test_relative_paths_resolve_against_the_job_file(tmp_path: Path) -> None:
     assert job.silo("a").data.path == str(tmp_path / "data" / "a")
     assert local_path_problems(job) == [
         f"spec.model.path: folder not found: {tmp_path / 'models' / 'tiny'}",
-        f"spec.silos[0].data.path: folder not found: {tmp_path / 'data' / 'a'}",
+        f"spec.silos[0].data.path: not found: {tmp_path / 'data' / 'a'}",
     ]
 
 

@@ -21,9 +21,9 @@ from prometheus_client import start_http_server
 from fedjob import modeling
 from fedjob.checkpoint import atomic_write
 from fedjob.chunking import State
+from fedjob.silo_data import eval_data
 from fedjob.spec import FederatedJob
 from fedjob.strategies import make_strategy
-from fedjob.textdata import TextCorpus
 from fedjob.tls import CertFiles
 from fedjob.v1 import fedjob_pb2_grpc as pb_grpc
 from fedjob_aggregator.admission import pool_size
@@ -63,10 +63,9 @@ class _ModelHooks:
         self.manifest = modeling.trainable_manifest(job)
         self.batches: list[Any] = []
         self._model: Any = None
-        if job.spec.eval is not None:
-            corpus = TextCorpus.from_folder(job.spec.eval.path)
-            t = job.spec.training
-            self.batches = corpus.fixed_batches(job.spec.eval.batches, t.batch_size, t.sequence_length)
+        shared = eval_data(job)
+        if shared is not None and job.spec.eval is not None:
+            self.batches = shared.fixed_batches(job.spec.eval.batches, job.spec.training.batch_size)
 
     def initial_state(self) -> State:
         return modeling.initial_state(self.job, self.manifest)

@@ -25,8 +25,9 @@ import numpy as np
 
 from fedjob import modeling
 from fedjob.chunking import State, TensorInfo
+from fedjob.silo_data import silo_data
 from fedjob.spec import FederatedJob
-from fedjob.textdata import TextCorpus
+from fedjob.windows import TrainingData
 from fedjob_worker.build_locks import StaleLockWatch, extensions_dir
 
 log = logging.getLogger("fedjob.worker")
@@ -146,9 +147,8 @@ class LocalTrainer:
         self.world_size = world_size
         spec = job.silo(silo)
         t = job.spec.training
-        corpus = TextCorpus.from_folder(spec.data.path)
-        self.corpus, held_out = _split_eval(job, silo, corpus)
-        self.num_samples = self.corpus.num_samples(t.sequence_length)
+        self.data, held_out = silo_data(job, silo)
+        self.num_samples = self.data.num_samples()
         self.local_steps = spec.local_steps or t.local_steps
         self.eval_batches = _eval_batches(job, held_out, rank, world_size)
         self.eval_samples = 0 if held_out is None else job.spec.evaluation.batches * t.batch_size * world_size
@@ -277,9 +277,8 @@ class LocalTrainer:
         for step in range(self.local_steps):
             if on_step is not None:
                 on_step(step, self.local_steps)
-            batch = torch.from_numpy(self.corpus.random_batch(rng, t.batch_size, t.sequence_length))
-            batch = batch.to(engine.device, non_blocking=True)
-            loss = engine(input_ids=batch, labels=batch).loss
+            batch = self.data.random_batch(rng, t.batch_size).model_inputs(engine.device)
+            loss = engine(**batch).loss
             loss_sum += loss.detach().float()  # the data loss, comparable across algorithms
             engine.backward(loss)
             if adjust is not None:
@@ -310,8 +309,7 @@ class LocalTrainer:
         total = torch.zeros((), dtype=torch.float32, device=engine.device)
         with torch.no_grad():
             for b in self.eval_batches:
-                ids = torch.from_numpy(b).to(engine.device, non_blocking=True)
-                total += engine(input_ids=ids, labels=ids).loss.float()
+                total += engine(**b.model_inputs(engine.device)).loss.float()
         total /= max(len(self.eval_batches), 1)
         dist.all_reduce(total)
         engine.train()
@@ -338,26 +336,13 @@ class LocalTrainer:
             self.engine = None
 
 
-def _split_eval(job: FederatedJob, silo: str, corpus: TextCorpus) -> tuple[TextCorpus, TextCorpus | None]:
-    """Training text and held-out text: the silo's eval folder, or the tail of its own text."""
-    ev = job.spec.evaluation
-    spec = job.silo(silo)
-    if ev.batches == 0:
-        return corpus, None
-    if spec.data.eval is not None:
-        return corpus, TextCorpus.from_folder(spec.data.eval.path)
-    cut = int(corpus.tokens.size * (1 - ev.held_out_fraction))
-    # The tail, not a random sample: windows never straddle training and held-out text.
-    return TextCorpus(corpus.tokens[:cut], corpus.files), TextCorpus(corpus.tokens[cut:], 1)
-
-
-def _eval_batches(job: FederatedJob, held_out: TextCorpus | None, rank: int, world: int) -> list[Any]:
+def _eval_batches(job: FederatedJob, held_out: TrainingData | None, rank: int, world: int) -> list[Any]:
     """This rank's share of the fixed held-out windows: the same windows every round."""
     if held_out is None:
         return []
     t = job.spec.training
     n = job.spec.evaluation.batches
-    batches = held_out.fixed_batches(n * world, t.batch_size, t.sequence_length)
+    batches = held_out.fixed_batches(n * world, t.batch_size)
     return batches[rank * n : (rank + 1) * n]
 
 

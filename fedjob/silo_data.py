@@ -1,0 +1,304 @@
+"""A silo's data, in its format, as training windows and held-out windows.
+
+Formats (`data.format`): `text` (.txt files) and `jsonl` (records with a text field) are
+documents, trained on whole as one stream; `instruction` and `chat` records are examples,
+trained on their answers only, each ending with EOS, packed or padded into windows
+(windows.py). Records come from .jsonl files, .parquet files or a Hugging Face datasets
+folder (save_to_disk). Every problem names where it is: the file and line of a malformed
+record, the field a record lacks.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedjob.data_files import data_files, is_datasets_folder
+from fedjob.spec import RECORD_FORMATS, FederatedJob, RecordFormatSpec
+from fedjob.tokenization import Tokenizer, load_tokenizer, messages_from
+from fedjob.windows import Example, TokenStream, TrainingData, WindowSet, pack, pad
+
+log = logging.getLogger("fedjob.data")
+
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task{with_input}. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
+)
+
+
+class DataError(ValueError):
+    """Data that cannot be trained on; the message names the file, line and field."""
+
+
+@dataclass(frozen=True)
+class Record:
+    where: str  # "file:line" or "folder row N"
+    fields: dict[str, Any]
+
+
+def read_records(path: Path) -> Iterator[Record]:
+    if is_datasets_folder(path):
+        yield from _datasets_records(path)
+        return
+    for f in data_files(path, "jsonl"):
+        if f.suffix == ".parquet":
+            yield from _parquet_records(f)
+            continue
+        with open(f, encoding="utf-8") as lines:
+            try:
+                for n, line in enumerate(lines, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        value = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise DataError(
+                            f"{f}:{n}: not valid JSON ({exc.msg} at column {exc.colno})"
+                        ) from None
+                    if not isinstance(value, dict):
+                        raise DataError(
+                            f"{f}:{n}: a record must be a JSON object, not {type(value).__name__}"
+                        )
+                    yield Record(f"{f}:{n}", value)
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{f}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x})") from None
+
+
+def _parquet_records(f: Path) -> Iterator[Record]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(f)
+    except Exception as exc:  # pyarrow raises several types for a file that is not parquet
+        raise DataError(f"{f}: not a readable parquet file ({exc})") from None
+    for n, row in enumerate(table.to_pylist(), 1):
+        yield Record(f"{f} row {n}", row)
+
+
+def _datasets_records(path: Path) -> Iterator[Record]:
+    from datasets import Dataset, DatasetDict, load_from_disk
+
+    ds = load_from_disk(str(path))
+    if isinstance(ds, DatasetDict):
+        if "train" not in ds:
+            raise DataError(f"{path}: a DatasetDict without a 'train' split (it has {', '.join(ds)})")
+        ds = ds["train"]
+    assert isinstance(ds, Dataset)
+    for n, row in enumerate(ds, 1):
+        yield Record(f"{path} row {n}", dict(row))
+
+
+def _text(record: Record, field: str, required: bool = True) -> str:
+    value = record.fields.get(field)
+    if value is None and not required:
+        return ""
+    if field not in record.fields:
+        raise DataError(
+            f"{record.where}: the record has no field {field!r} (it has {', '.join(record.fields)})"
+        )
+    if not isinstance(value, str):
+        raise DataError(f"{record.where}: field {field!r} must be a string, not {type(value).__name__}")
+    return value
+
+
+def documents(path: Path, fmt: RecordFormatSpec) -> Iterator[str]:
+    """The texts trained on whole: each .txt file, or each record's text field."""
+    if fmt.format == "text":
+        for f in data_files(path, "text"):
+            try:
+                yield f.read_text(encoding="utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(
+                    f"{f}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
+                ) from None
+        return
+    for r in read_records(path):
+        yield _text(r, fmt.text_field)
+
+
+def examples(path: Path, fmt: RecordFormatSpec, tokenizer: Tokenizer) -> Iterator[Example]:
+    """Instruction or chat records as token ids with their trainable (answer) mask, EOS-terminated."""
+    for r in read_records(path):
+        if fmt.format == "instruction":
+            f = fmt.instruction_fields
+            instruction, extra, output = _text(r, f.instruction), _text(r, f.input, False), _text(r, f.output)
+            prompt = ALPACA_PROMPT.format(
+                with_input=", paired with an input that provides further context" if extra else "",
+                instruction=instruction,
+                input_block=f"### Input:\n{extra}\n\n" if extra else "",
+            )
+            ids, trainable = tokenizer.encode([(prompt, False), (output, True)])
+            eos_seen = bool(ids.size) and int(ids[-1]) == tokenizer.eos_id
+        else:
+            if fmt.messages_field not in r.fields:
+                raise DataError(f"{r.where}: the record has no field {fmt.messages_field!r}")
+            try:
+                messages = messages_from(r.fields[fmt.messages_field], fmt.messages_field)
+                segments = tokenizer.chat(messages)
+            except ValueError as exc:
+                raise DataError(f"{r.where}: {exc}") from None
+            # The template renders its own turn ends and special tokens.
+            ids, trainable = tokenizer.encode(segments, special=False)
+            eos_seen = bool(np.any(ids[trainable] == tokenizer.eos_id))
+        if not eos_seen:
+            ids = np.append(ids, np.int32(tokenizer.eos_id))
+            trainable = np.append(trainable, True)
+        yield Example(ids, trainable)
+
+
+def model_type(job: FederatedJob) -> str | None:
+    if job.spec.model.config is not None:
+        return str(job.spec.model.config.get("model_type"))
+    cfg = Path(str(job.spec.model.path)) / "config.json"
+    try:
+        value = json.loads(cfg.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def supports_packing(kind: str | None) -> bool:
+    """The model's attention builds its mask with transformers' masking utilities, which read
+    packed sequences from position ids that restart (models written before them do not)."""
+    if kind is None:
+        return False
+    try:
+        module = importlib.import_module(f"transformers.models.{kind.replace('-', '_')}.modeling_{kind}")
+    except ImportError:
+        return False
+    return hasattr(module, "create_causal_mask")
+
+
+def layout(job: FederatedJob) -> str:
+    """How examples go into windows: `training.packing`, with auto resolved for this model."""
+    t = job.spec.training
+    if t.packing == "padded" or t.mode in ("prefix", "prompt"):
+        return "padded"
+    if t.packing == "packed":
+        return "packed"
+    return "packed" if supports_packing(model_type(job)) else "padded"
+
+
+@dataclass(frozen=True)
+class LoadedData:
+    data: TrainingData
+    tokens: int  # in the windows (documents) or examples (examples), before any held-out split
+    truncated: int = 0  # examples cut to one window
+    dropped: int = 0  # examples whose answer lay beyond the window
+
+
+def load(path: str | Path, fmt: RecordFormatSpec, job: FederatedJob, tokenizer: Tokenizer) -> LoadedData:
+    """The data at `path` tokenised and laid out in windows; DataError when nothing can be trained on."""
+    t = job.spec.training
+    where = Path(path)
+    if fmt.format not in RECORD_FORMATS or fmt.format == "jsonl":
+        parts = []
+        for text in documents(where, fmt):
+            ids, _ = tokenizer.encode([(text, True)])
+            # Documents are separated by EOS; bytes have none to spare, a newline does.
+            sep = [10] if tokenizer.name == "bytes" else [tokenizer.eos_id]
+            parts += [ids, np.asarray(sep, dtype=np.int32)]
+        tokens = np.concatenate(parts[:-1]) if parts else np.zeros(0, np.int32)
+        if tokenizer.name == "bytes":
+            tokens = tokens.astype(np.uint8)
+        if tokens.size <= t.sequence_length:
+            raise DataError(
+                f"{where}: {tokens.size} tokens, fewer than one training window (sequenceLength + 1 = "
+                f"{t.sequence_length + 1})"
+            )
+        return LoadedData(TokenStream(tokens, t.sequence_length), int(tokens.size))
+    kept, truncated, dropped, total = [], 0, 0, 0
+    for e in examples(where, fmt, tokenizer):
+        total += e.ids.size
+        if e.ids.size > t.sequence_length:
+            truncated += 1
+            e = Example(e.ids[: t.sequence_length], e.trainable[: t.sequence_length])
+        if not e.trainable[1:].any():
+            dropped += 1
+            continue
+        kept.append(e)
+    if not kept:
+        raise DataError(
+            f"{where}: no {fmt.format} example with an answer inside one window (sequenceLength "
+            f"{t.sequence_length}; {dropped} examples, all prompt)"
+            if dropped
+            else f"{where}: no {fmt.format} records"
+        )
+    if total <= t.sequence_length:
+        raise DataError(
+            f"{where}: {total} tokens in {len(kept)} examples, fewer than one training window "
+            f"(sequenceLength + 1 = {t.sequence_length + 1})"
+        )
+    lay = pack if layout(job) == "packed" else pad
+    if truncated or dropped:
+        log.warning(
+            "%s: %d examples longer than sequenceLength %d were truncated, %d of them dropped "
+            "(their answer began beyond the window)",
+            where,
+            truncated + dropped,
+            t.sequence_length,
+            dropped,
+        )
+    return LoadedData(_ExampleSet(kept, lay, t.sequence_length, tokenizer.pad_id), total, truncated, dropped)
+
+
+class _ExampleSet:
+    """Examples kept as examples until split, then laid out: packing follows the split."""
+
+    def __init__(self, items: list[Example], lay: Any, sequence_length: int, pad_id: int) -> None:
+        self.items = items
+        self._lay = lay
+        self._args = (sequence_length, pad_id)
+        self.windows: WindowSet = lay(items, *self._args)
+
+    def num_samples(self) -> int:
+        return self.windows.num_samples()
+
+    def random_batch(self, rng: np.random.Generator, batch_size: int) -> Any:
+        return self.windows.random_batch(rng, batch_size)
+
+    def fixed_batches(self, batches: int, batch_size: int) -> list[Any]:
+        return self.windows.fixed_batches(batches, batch_size)
+
+    def split(self, fraction: float, seed: int) -> tuple[_ExampleSet, _ExampleSet]:
+        """A seeded sample of examples held out (at least one, and one left to train on)."""
+        n = len(self.items)
+        if n < 2:
+            raise DataError("one example cannot be split into training and held-out data")
+        k = min(max(1, round(n * fraction)), n - 1)
+        held = set(np.random.default_rng(seed).permutation(n)[:k].tolist())
+        train = [e for i, e in enumerate(self.items) if i not in held]
+        out = [e for i, e in enumerate(self.items) if i in held]
+        return _ExampleSet(train, self._lay, *self._args), _ExampleSet(out, self._lay, *self._args)
+
+
+def silo_data(job: FederatedJob, silo: str) -> tuple[TrainingData, TrainingData | None]:
+    """A silo's training windows and its held-out windows (None when federated evaluation is off)."""
+    spec = job.silo(silo).data
+    tokenizer = load_tokenizer(job)
+    train = load(spec.path, spec, job, tokenizer).data
+    ev = job.spec.evaluation
+    if ev.batches == 0:
+        return train, None
+    if spec.eval is not None:
+        return train, load(spec.eval.path, spec, job, tokenizer).data
+    fraction = spec.eval_fraction or ev.held_out_fraction
+    if isinstance(train, TokenStream):
+        return train.split_tail(fraction)
+    assert isinstance(train, _ExampleSet)
+    return train.split(fraction, job.spec.training.seed)
+
+
+def eval_data(job: FederatedJob) -> TrainingData | None:
+    """The aggregator's shared held-out set (spec.eval), in its format."""
+    if job.spec.eval is None:
+        return None
+    return load(job.spec.eval.path, job.spec.eval, job, load_tokenizer(job)).data
