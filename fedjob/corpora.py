@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sysconfig
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 CODE_PACKAGES = ("json", "email", "http", "logging", "asyncio", "importlib", "xml", "urllib", "concurrent")
@@ -52,7 +52,7 @@ def unicode_names(limit: int) -> str:
     return "".join(lines)
 
 
-def python_docstrings(limit: int) -> str:
+def python_docstrings(limit: int, exclude: Collection[str] = ()) -> str:
     """Docstrings of standard-library modules the silos do not use: a 'public' corpus for the base model."""
     import ast
 
@@ -60,6 +60,8 @@ def python_docstrings(limit: int) -> str:
     parts: list[str] = []
     size = 0
     for path in sorted(root.glob("*.py")):
+        if path.stem in exclude:
+            continue
         try:
             tree = ast.parse(path.read_text(encoding="utf-8", errors="replace"))
         except SyntaxError:

@@ -142,6 +142,15 @@ def cmd_example(args: argparse.Namespace) -> int:
     if not (out / "data" / "eval").exists() or args.force:
         for name, folder in write_silo_folders(out / "data").items():
             print(f"wrote {name}: {folder}")
+    from fedjob.chat_example import build_tiny_chat_model, write_chat_silos
+
+    chat = out / "models" / "tiny-chat"
+    if not (chat / "config.json").exists() or args.force:
+        build_tiny_chat_model(chat)
+        print(f"built {chat} (a BPE tokenizer with a chat template, pre-trained briefly on docstrings)")
+    if not (out / "data" / "chat").exists() or args.force:
+        for name, folder in write_chat_silos(out / "data" / "chat").items():
+            print(f"wrote chat silo {name}: {folder / 'train.jsonl'}")
     return 0
 
 
