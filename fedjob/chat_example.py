@@ -21,7 +21,15 @@ from fedjob.corpora import python_docstrings
 
 SILO_MODULES: dict[str, tuple[str, ...]] = {
     "text": ("string.py", "textwrap.py", "difflib.py", "shlex.py", "re/__init__.py", "csv.py", "codecs.py"),
-    "files": ("shutil.py", "tempfile.py", "posixpath.py", "glob.py", "fnmatch.py", "tarfile.py", "filecmp.py"),
+    "files": (
+        "shutil.py",
+        "tempfile.py",
+        "posixpath.py",
+        "glob.py",
+        "fnmatch.py",
+        "tarfile.py",
+        "filecmp.py",
+    ),
     "numbers": ("statistics.py", "fractions.py", "random.py", "heapq.py", "bisect.py", "_pydecimal.py"),
 }
 QUESTIONS = ("What does {name} do?", "Explain {name} from the {module} module.", "How would I use {name}?")
@@ -41,7 +49,7 @@ def _module_name(rel: str) -> str:
 def qa_pairs(modules: tuple[str, ...]) -> list[tuple[str, str]]:
     """(question, answer) for each public function and method with a docstring, read with ast."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    pairs = []
+    pairs: list[tuple[str, str]] = []
     for rel in modules:
         module = _module_name(rel).removeprefix("_py")
         if not (root / rel).is_file():
@@ -108,7 +116,7 @@ def build_tokenizer(out: Path, text: str, vocab_size: int = 2048) -> None:
     )
     lines = [line for line in text.splitlines() if line.strip()]
     tok.train_from_iterator(lines, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
+    fast = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None
     )
     fast.chat_template = CHAT_TEMPLATE

@@ -243,7 +243,7 @@ def load(path: str | Path, fmt: RecordFormatSpec, job: FederatedJob, tokenizer: 
             "%s: %d examples longer than sequenceLength %d were truncated, %d of them dropped "
             "(their answer began beyond the window)",
             where,
-            truncated + dropped,
+            truncated,
             t.sequence_length,
             dropped,
         )

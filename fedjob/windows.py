@@ -38,7 +38,14 @@ class Batch:
             out["position_ids"] = self.position_ids
         if self.attention_mask is not None:
             out["attention_mask"] = self.attention_mask
-        return {k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in out.items()}
+        inputs: dict[str, Any] = {
+            k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in out.items()
+        }
+        if self.position_ids is not None:
+            # transformers reads packed sequences from the positions only without a KV cache,
+            # which forward builds by default (use_cache) even when training: attention would cross.
+            inputs["use_cache"] = False
+        return inputs
 
 
 class TrainingData(Protocol):

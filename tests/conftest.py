@@ -63,6 +63,18 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def chat_assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The chat example, smaller: a tiny Llama-shaped model with its own BPE tokenizer and chat
+    template (pre-trained for a few steps), and the three silos' chat data."""
+    from fedjob.chat_example import build_tiny_chat_model, write_chat_silos
+
+    root = tmp_path_factory.mktemp("chat")
+    build_tiny_chat_model(root / "model", pretrain_steps=60)
+    write_chat_silos(root / "data")
+    return root
+
+
+@pytest.fixture(scope="session")
 def tools() -> Path:
     """Real helm, prometheus and promtool (hack/tools.sh installs them once, cached)."""
     import subprocess
