@@ -4,6 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+DATA_SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+
+def mount_folder(path: str) -> str:
+    """Where a volume holding this data path is mounted: a file's folder, or the folder itself."""
+    p = Path(path)
+    return str(p.parent) if p.suffix in DATA_SUFFIXES else path
+
 
 def is_datasets_folder(path: Path) -> bool:
     """A Hugging Face datasets folder written by save_to_disk (a Dataset or a DatasetDict)."""

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from fedjob.data_files import mount_folder
 from fedjob.errors import TERMINATION_LOG_ENV
 from fedjob.spec import FederatedJob, ResourcesSpec, StorageSpec, VolumeSpec
 
@@ -185,7 +186,7 @@ def _data_volumes(
         if vol is None:
             continue  # baked into the image, or nothing to mount
         volumes.append({"name": name, **_volume_source(vol)})
-        mounts.append({"name": name, "mountPath": path, "readOnly": True})
+        mounts.append({"name": name, "mountPath": mount_folder(path), "readOnly": True})
     return volumes, mounts
 
 

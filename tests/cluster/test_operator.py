@@ -74,7 +74,14 @@ def test_a_job_creates_its_children_with_the_expected_specs(
                     "backoffLimit": 2,
                     "processes": 2,
                 },
-                {"name": "beta", "data": {"path": "/data", "volume": {"hostPath": {"path": "/srv/beta"}}}},
+                {
+                    "name": "beta",
+                    "data": {
+                        "path": "/data/chat/train.jsonl",
+                        "format": "chat",
+                        "volume": {"hostPath": {"path": "/srv/beta"}},
+                    },
+                },
             ]
         ),
     )
@@ -113,6 +120,9 @@ def test_a_job_creates_its_children_with_the_expected_specs(
     data = next(v for v in alpha.volumes if v.name == "data")
     assert data.persistent_volume_claim.claim_name == "alpha-text"
     assert any(m.mount_path == "/data" and m.read_only for m in c.volume_mounts)
+    # A data path naming a file mounts its volume at the file's folder.
+    beta = batch.read_namespaced_job("demo-silo-beta", namespace).spec.template.spec
+    assert [m.mount_path for m in beta.containers[0].volume_mounts if m.name == "data"] == ["/data/chat"]
 
     # The aggregator certificate is valid for the Service name the silos dial.
     from cryptography import x509
