@@ -10,7 +10,7 @@ CACHE ?= $(or $(FEDJOB_CACHE),$(HOME)/.cache/fedjob)
 export TORCH_EXTENSIONS_DIR ?= $(CACHE)/torch_extensions
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install quickstart test lint protos crds clean bench test-cluster test-cluster-down
+.PHONY: install quickstart chat-example test lint protos crds clean bench test-cluster test-cluster-down
 
 install: $(STAMP)
 
@@ -27,6 +27,11 @@ $(STAMP): pyproject.toml
 quickstart: $(STAMP)
 	$(PY) -m fedjob_cli.main example --out examples
 	$(VENV)/bin/fedjob run examples/quickstart.yaml --out runs/quickstart
+
+# The second example: LoRA on three silos' chat data with the model's own tokenizer and chat template.
+chat-example: $(STAMP)
+	$(PY) -m fedjob_cli.main example --out examples
+	$(VENV)/bin/fedjob run examples/chat-lora.yaml --out runs/chat-lora
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q

@@ -338,3 +338,29 @@ def test_a_loader_error_is_a_data_error(chat_assets: Path, tmp_path: Path) -> No
     j = job(chat_assets / "model", {"path": str(path), "format": "chat"})
     with pytest.raises(DataError, match="not a readable parquet file"):
         load(path, j.spec.silos[0].data, j, load_tokenizer(j))
+
+
+def test_a_records_file_that_is_not_utf8_is_named(chat_assets: Path, tmp_path: Path) -> None:
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(json.dumps({"text": "caf\u00e9 " * 20}, ensure_ascii=False).encode("latin-1") + b"\n")
+    (p,) = problems_for(chat_assets / "model", {"path": str(path), "format": "jsonl"})
+    assert p == f"spec.silos[0].data.path: {path}: not UTF-8 text (byte 0xe9)"
+
+
+@pytest.mark.parametrize("mode", ["prompt", "prefix"])
+def test_prompt_and_prefix_tuning_train_on_padded_chat_windows(chat_assets: Path, mode: str) -> None:
+    """PEFT prepends virtual tokens (or keys) to each window; padding and labels must still line up."""
+    import torch
+
+    from fedjob import modeling
+
+    data = {"path": str(chat_assets / "data/text"), "format": "chat"}
+    j = job(chat_assets / "model", data, mode=mode, sequenceLength=128)
+    train, _ = silo_data(j, "a")
+    batch = train.random_batch(np.random.default_rng(0), 2)
+    assert batch.attention_mask is not None and batch.position_ids is None
+    model = modeling.build_model(j)
+    loss = model(**batch.model_inputs("cpu")).loss
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is not None for _, p in modeling.trainable_parameters(model))
