@@ -138,10 +138,13 @@ def _target_problems(job: FederatedJob) -> list[str]:
 
 
 def data_problems(
-    job: FederatedJob, silos: Collection[str] | None = None, with_eval: bool = True
+    job: FederatedJob,
+    silos: Collection[str] | None = None,
+    with_eval: bool = True,
+    report: list[str] | None = None,
 ) -> list[str]:
     """Each silo's data (and the shared eval set): readable in its format, every record whole, and
-    at least one training window of tokens once tokenised."""
+    at least one training window of tokens once tokenised. `report` gets what each path holds."""
     from fedjob.silo_data import DataError, load
 
     try:
@@ -171,7 +174,9 @@ def data_problems(
                 problems += bad
                 continue
         try:
-            load(path, fmt, job, tokenizer)
+            loaded = load(path, fmt, job, tokenizer)
+            if report is not None:
+                report.append(f"{field}: {fmt.format}, {loaded.describe()}")
         except DataError as exc:
             problems.append(f"{field}: {exc}")
     return problems
@@ -200,7 +205,10 @@ def _utf8_size(path: Path, block: int = 1 << 20) -> tuple[int, str | None]:
 
 
 def preflight_problems(
-    job: FederatedJob, silos: Collection[str] | None = None, model: bool = True
+    job: FederatedJob,
+    silos: Collection[str] | None = None,
+    model: bool = True,
+    report: list[str] | None = None,
 ) -> list[str]:
     """Everything above for a component: the aggregator (model), a silo (model and its data), validate."""
-    return (model_problems(job) if model else []) + data_problems(job, silos, with_eval=model)
+    return (model_problems(job) if model else []) + data_problems(job, silos, with_eval=model, report=report)

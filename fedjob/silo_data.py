@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 
 from fedjob.data_files import data_files, is_datasets_folder
-from fedjob.spec import RECORD_FORMATS, FederatedJob, RecordFormatSpec
+from fedjob.spec import DOCUMENT_FORMATS, FederatedJob, RecordFormatSpec
 from fedjob.tokenization import Tokenizer, load_tokenizer, messages_from
-from fedjob.windows import Example, TokenStream, TrainingData, WindowSet, pack, pad
+from fedjob.windows import Batch, Example, TokenStream, TrainingData, WindowSet, pack, pad
 
 log = logging.getLogger("fedjob.data")
 
@@ -187,41 +187,91 @@ def layout(job: FederatedJob) -> str:
     return "packed" if supports_packing(model_type(job)) else "padded"
 
 
+class ExampleSet:
+    """Instruction or chat examples, laid out in windows; split before layout, so that no window
+    holds both training and held-out examples."""
+
+    def __init__(self, items: list[Example], packed: bool, sequence_length: int, pad_id: int) -> None:
+        self.items = items
+        self.packed = packed
+        self._args = (sequence_length, pad_id)
+        self.windows: WindowSet = (pack if packed else pad)(items, sequence_length, pad_id)
+
+    def num_samples(self) -> int:
+        return self.windows.num_samples()
+
+    def random_batch(self, rng: np.random.Generator, batch_size: int) -> Batch:
+        return self.windows.random_batch(rng, batch_size)
+
+    def fixed_batches(self, batches: int, batch_size: int) -> list[Batch]:
+        return self.windows.fixed_batches(batches, batch_size)
+
+    def split(self, fraction: float, seed: int) -> tuple[ExampleSet, ExampleSet]:
+        """A sample of the examples drawn from the job's seed held out (at least one, and at least
+        one left to train on)."""
+        n = len(self.items)
+        if n < 2:
+            raise DataError("one example cannot be split into training and held-out data")
+        k = min(max(1, round(n * fraction)), n - 1)
+        held = set(np.random.default_rng(seed).permutation(n)[:k].tolist())
+        train = [e for i, e in enumerate(self.items) if i not in held]
+        out = [e for i, e in enumerate(self.items) if i in held]
+        return ExampleSet(train, self.packed, *self._args), ExampleSet(out, self.packed, *self._args)
+
+
 @dataclass(frozen=True)
 class LoadedData:
-    data: TrainingData
-    tokens: int  # in the windows (documents) or examples (examples), before any held-out split
-    truncated: int = 0  # examples cut to one window
+    data: TokenStream | ExampleSet
+    examples: int = 0  # kept (instruction, chat)
+    truncated: int = 0  # examples cut to one window (the dropped ones included)
     dropped: int = 0  # examples whose answer lay beyond the window
+
+    def describe(self) -> str:
+        d = self.data
+        if isinstance(d, TokenStream):
+            return f"{d.tokens.size:,} tokens in {d.num_samples():,} windows"
+        cut = f" ({self.truncated} truncated, {self.dropped} of them dropped)" if self.truncated else ""
+        how = "packed into" if d.packed else "padded to"
+        return f"{self.examples:,} examples{cut} {how} {d.num_samples():,} windows"
 
 
 def load(path: str | Path, fmt: RecordFormatSpec, job: FederatedJob, tokenizer: Tokenizer) -> LoadedData:
     """The data at `path` tokenised and laid out in windows; DataError when nothing can be trained on."""
-    t = job.spec.training
     where = Path(path)
-    if fmt.format not in RECORD_FORMATS or fmt.format == "jsonl":
-        parts = []
-        for text in documents(where, fmt):
-            ids, _ = tokenizer.encode([(text, True)])
-            # Documents are separated by EOS; bytes have none to spare, a newline does.
-            sep = [10] if tokenizer.name == "bytes" else [tokenizer.eos_id]
-            parts += [ids, np.asarray(sep, dtype=np.int32)]
-        tokens = np.concatenate(parts[:-1]) if parts else np.zeros(0, np.int32)
-        if tokenizer.name == "bytes":
-            tokens = tokens.astype(np.uint8)
-        if tokens.size <= t.sequence_length:
-            raise DataError(
-                f"{where}: {tokens.size} tokens, fewer than one training window (sequenceLength + 1 = "
-                f"{t.sequence_length + 1})"
-            )
-        return LoadedData(TokenStream(tokens, t.sequence_length), int(tokens.size))
+    if fmt.format in DOCUMENT_FORMATS:
+        return _load_documents(where, fmt, job, tokenizer)
+    return _load_examples(where, fmt, job, tokenizer)
+
+
+def _load_documents(
+    where: Path, fmt: RecordFormatSpec, job: FederatedJob, tokenizer: Tokenizer
+) -> LoadedData:
+    t = job.spec.training
+    parts = []
+    # Documents are separated by EOS; bytes have none to spare, a newline does.
+    sep = np.asarray([10 if tokenizer.name == "bytes" else tokenizer.eos_id], dtype=np.int32)
+    for text in documents(where, fmt):
+        parts += [tokenizer.encode([(text, True)])[0], sep]
+    tokens = np.concatenate(parts[:-1]) if parts else np.zeros(0, np.int32)
+    if tokenizer.name == "bytes":
+        tokens = tokens.astype(np.uint8)  # a quarter of the memory
+    if tokens.size <= t.sequence_length:
+        raise DataError(
+            f"{where}: {tokens.size} tokens, fewer than one training window (sequenceLength + 1 = "
+            f"{t.sequence_length + 1})"
+        )
+    return LoadedData(TokenStream(tokens, t.sequence_length))
+
+
+def _load_examples(where: Path, fmt: RecordFormatSpec, job: FederatedJob, tokenizer: Tokenizer) -> LoadedData:
+    t = job.spec.training
     kept, truncated, dropped, total = [], 0, 0, 0
     for e in examples(where, fmt, tokenizer):
         total += e.ids.size
         if e.ids.size > t.sequence_length:
             truncated += 1
             e = Example(e.ids[: t.sequence_length], e.trainable[: t.sequence_length])
-        if not e.trainable[1:].any():
+        if not e.trainable[1:].any():  # the first token is never a target
             dropped += 1
             continue
         kept.append(e)
@@ -237,8 +287,7 @@ def load(path: str | Path, fmt: RecordFormatSpec, job: FederatedJob, tokenizer: 
             f"{where}: {total} tokens in {len(kept)} examples, fewer than one training window "
             f"(sequenceLength + 1 = {t.sequence_length + 1})"
         )
-    lay = pack if layout(job) == "packed" else pad
-    if truncated or dropped:
+    if truncated:
         log.warning(
             "%s: %d examples longer than sequenceLength %d were truncated, %d of them dropped "
             "(their answer began beyond the window)",
@@ -247,54 +296,37 @@ def load(path: str | Path, fmt: RecordFormatSpec, job: FederatedJob, tokenizer: 
             t.sequence_length,
             dropped,
         )
-    return LoadedData(_ExampleSet(kept, lay, t.sequence_length, tokenizer.pad_id), total, truncated, dropped)
-
-
-class _ExampleSet:
-    """Examples kept as examples until split, then laid out: packing follows the split."""
-
-    def __init__(self, items: list[Example], lay: Any, sequence_length: int, pad_id: int) -> None:
-        self.items = items
-        self._lay = lay
-        self._args = (sequence_length, pad_id)
-        self.windows: WindowSet = lay(items, *self._args)
-
-    def num_samples(self) -> int:
-        return self.windows.num_samples()
-
-    def random_batch(self, rng: np.random.Generator, batch_size: int) -> Any:
-        return self.windows.random_batch(rng, batch_size)
-
-    def fixed_batches(self, batches: int, batch_size: int) -> list[Any]:
-        return self.windows.fixed_batches(batches, batch_size)
-
-    def split(self, fraction: float, seed: int) -> tuple[_ExampleSet, _ExampleSet]:
-        """A seeded sample of examples held out (at least one, and one left to train on)."""
-        n = len(self.items)
-        if n < 2:
-            raise DataError("one example cannot be split into training and held-out data")
-        k = min(max(1, round(n * fraction)), n - 1)
-        held = set(np.random.default_rng(seed).permutation(n)[:k].tolist())
-        train = [e for i, e in enumerate(self.items) if i not in held]
-        out = [e for i, e in enumerate(self.items) if i in held]
-        return _ExampleSet(train, self._lay, *self._args), _ExampleSet(out, self._lay, *self._args)
+    data = ExampleSet(kept, layout(job) == "packed", t.sequence_length, tokenizer.pad_id)
+    return LoadedData(data, len(kept), truncated, dropped)
 
 
 def silo_data(job: FederatedJob, silo: str) -> tuple[TrainingData, TrainingData | None]:
     """A silo's training windows and its held-out windows (None when federated evaluation is off)."""
     spec = job.silo(silo).data
     tokenizer = load_tokenizer(job)
-    train = load(spec.path, spec, job, tokenizer).data
+    loaded = load(spec.path, spec, job, tokenizer)
+    train: TrainingData = loaded.data
+    held: TrainingData | None = None
     ev = job.spec.evaluation
-    if ev.batches == 0:
-        return train, None
-    if spec.eval is not None:
-        return train, load(spec.eval.path, spec, job, tokenizer).data
-    fraction = spec.eval_fraction or ev.held_out_fraction
-    if isinstance(train, TokenStream):
-        return train.split_tail(fraction)
-    assert isinstance(train, _ExampleSet)
-    return train.split(fraction, job.spec.training.seed)
+    if ev.batches > 0 and spec.eval is not None:
+        held = load(spec.eval.path, spec, job, tokenizer).data
+    elif ev.batches > 0:
+        fraction = spec.eval_fraction or ev.held_out_fraction
+        if isinstance(loaded.data, TokenStream):
+            train, held = loaded.data.split_tail(fraction)
+        else:
+            train, held = loaded.data.split(fraction, job.spec.training.seed)
+    log.info(
+        "silo %s: %s data, %s tokenizer (%d ids), %s; %d training windows%s",
+        silo,
+        spec.format,
+        tokenizer.name,
+        len(tokenizer),
+        loaded.describe(),
+        train.num_samples(),
+        "" if held is None else f", {held.num_samples()} held out",
+    )
+    return train, held
 
 
 def eval_data(job: FederatedJob) -> TrainingData | None:

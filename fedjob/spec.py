@@ -44,7 +44,7 @@ Codec = Literal["none", "fp16", "bf16", "int8"]
 Algorithm = Literal["fedavg", "fedprox", "scaffold", "fednova", "fedadam", "fedyogi", "fedadagrad", "diloco"]
 RobustRule = Literal["median", "trimmedMean", "multiKrum", "normBound"]
 DataFormat = Literal["text", "jsonl", "instruction", "chat"]
-RECORD_FORMATS = ("jsonl", "instruction", "chat")
+DOCUMENT_FORMATS = ("text", "jsonl")  # trained on whole; instruction and chat: on answers
 
 
 class _Spec(BaseModel):

@@ -26,7 +26,11 @@ def _setup_logging(level: str) -> None:
 
 
 def _job(
-    path: str, check_paths: bool = True, silos: list[str] | None = None, overrides: list[str] | None = None
+    path: str,
+    check_paths: bool = True,
+    silos: list[str] | None = None,
+    overrides: list[str] | None = None,
+    report: list[str] | None = None,
 ) -> FederatedJob:
     """The job (with `--set` overrides), its folders, model and (the given silos') data checked when
     `check_paths`: a mistake no restart can fix is refused here, with its reason, before anything starts."""
@@ -36,18 +40,29 @@ def _job(
         if not problems:
             from fedjob.preflight import preflight_problems
 
-            problems = preflight_problems(job, silos)
+            problems = preflight_problems(job, silos, report=report)
         if problems:
             raise SpecError(path, tuple(problems))
     return job
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    job = _job(args.file, check_paths=args.check_paths, overrides=args.set)
+    report: list[str] = []
+    job = _job(args.file, check_paths=args.check_paths, overrides=args.set, report=report)
     print(
         f"{args.file}: valid FederatedJob {job.name!r} ({len(job.spec.silos)} silos, "
         f"{job.spec.rounds} rounds, mode {job.spec.training.mode})"
     )
+    if args.check_paths:
+        from fedjob.silo_data import layout
+        from fedjob.tokenization import tokenizer_kind
+
+        t = job.spec.training
+        print(
+            f"  tokenizer: {tokenizer_kind(job)}; sequenceLength {t.sequence_length}; examples {layout(job)}"
+        )
+        for line in report:
+            print(f"  {line}")
     if job.spec.aggregation.silos_per_round is not None:
         print(f"  sampling: {job.spec.silos_per_round} of {len(job.spec.silos)} silos train each round")
     if job.spec.privacy.dp is not None:

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from fedjob.preflight import preflight_problems
-from fedjob.silo_data import ALPACA_PROMPT, DataError, layout, load, silo_data
+from fedjob.silo_data import ALPACA_PROMPT, DataError, ExampleSet, layout, load, silo_data
 from fedjob.spec import FederatedJob, SpecError, parse_job
 from fedjob.tokenization import ByteTokenizer, Message, ModelTokenizer, load_tokenizer, tokenizer_kind
 from fedjob.windows import IGNORE, Example, TokenStream, pack, pad
@@ -224,14 +224,15 @@ def test_each_silo_holds_out_a_seeded_sample_of_its_examples(chat_assets: Path) 
         )
     )
     train, held = silo_data(j, "a")
-    assert held is not None
+    assert isinstance(train, ExampleSet) and isinstance(held, ExampleSet)
     n = len((chat_assets / "data/numbers/train.jsonl").read_text().splitlines())
-    train_set = {tuple(e.ids.tolist()) for e in train.items}  # type: ignore[attr-defined]
-    held_set = {tuple(e.ids.tolist()) for e in held.items}  # type: ignore[attr-defined]
-    assert len(held.items) == round(0.2 * n) and len(train.items) + len(held.items) == n  # type: ignore[attr-defined]
+    train_set = {tuple(e.ids.tolist()) for e in train.items}
+    held_set = {tuple(e.ids.tolist()) for e in held.items}
+    assert len(held.items) == round(0.2 * n) and len(train.items) + len(held.items) == n
     assert not train_set & held_set
     again = silo_data(j, "a")[1]
-    assert [e.ids.tolist() for e in again.items] == [e.ids.tolist() for e in held.items]  # type: ignore[union-attr]
+    assert isinstance(again, ExampleSet)
+    assert [e.ids.tolist() for e in again.items] == [e.ids.tolist() for e in held.items]
 
 
 # ----- bad data and bad models: refused before anything starts, saying where ---------------------------
@@ -312,9 +313,7 @@ def test_chat_data_needs_a_chat_template(chat_assets: Path, tmp_path: Path) -> N
         job(chat_assets / "model", data, tokenizer="bytes")
 
 
-def test_validate_check_paths_refuses_bad_data_with_the_reason(chat_assets: Path, tmp_path: Path) -> None:
-    path = tmp_path / "bad.jsonl"
-    path.write_text('{"messages": oops}\n')
+def validate(chat_assets: Path, tmp_path: Path, path: Path) -> subprocess.CompletedProcess[str]:
     doc = job_doc(
         model={"path": str(chat_assets / "model")},
         training={"mode": "lora", "lora": {"targetModules": ["q_proj"]}},
@@ -322,14 +321,28 @@ def test_validate_check_paths_refuses_bad_data_with_the_reason(chat_assets: Path
     )
     f = tmp_path / "job.yaml"
     f.write_text(yaml.safe_dump(doc))
-    proc = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "fedjob_cli.main", "validate", "--check-paths", str(f)],
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+def test_validate_check_paths_refuses_bad_data_with_the_reason(chat_assets: Path, tmp_path: Path) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"messages": oops}\n')
+    proc = validate(chat_assets, tmp_path, path)
     assert proc.returncode != 0
     assert f"spec.silos[0].data.path: {path}:1: not valid JSON" in proc.stdout + proc.stderr
+
+
+def test_validate_check_paths_says_what_each_silo_trains_on(chat_assets: Path, tmp_path: Path) -> None:
+    proc = validate(chat_assets, tmp_path, chat_assets / "data/text/train.jsonl")
+    assert proc.returncode == 0, proc.stderr
+    n = len((chat_assets / "data/text/train.jsonl").read_text().splitlines())
+    assert "tokenizer: model; sequenceLength 128; examples packed" in proc.stdout
+    assert f"spec.silos[0].data.path: chat, {n} examples packed into" in proc.stdout
 
 
 def test_a_loader_error_is_a_data_error(chat_assets: Path, tmp_path: Path) -> None:
