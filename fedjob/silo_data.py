@@ -251,7 +251,7 @@ def _load_documents(
     # Documents are separated by EOS; bytes have none to spare, a newline does.
     sep = np.asarray([10 if tokenizer.name == "bytes" else tokenizer.eos_id], dtype=np.int32)
     for text in documents(where, fmt):
-        parts += [tokenizer.encode([(text, True)])[0], sep]
+        parts += [tokenizer.document(text), sep]
     tokens = np.concatenate(parts[:-1]) if parts else np.zeros(0, np.int32)
     if tokenizer.name == "bytes":
         tokens = tokens.astype(np.uint8)  # a quarter of the memory

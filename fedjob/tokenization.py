@@ -26,6 +26,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 Ids = npt.NDArray[np.int32]
 Mask = npt.NDArray[np.bool_]
+DOCUMENT_CHUNK = 1 << 16  # characters
 Segment = tuple[str, bool]  # text, and whether the model learns to produce it
 
 
@@ -50,6 +51,10 @@ class Tokenizer(Protocol):
         """A conversation rendered with the chat template, assistant turns trainable."""
         ...
 
+    def document(self, text: str) -> Ids:
+        """A whole text, every token a target (no mask needed)."""
+        ...
+
 
 class ByteTokenizer:
     """UTF-8 bytes as ids (vocabulary 256). NUL (never in text the checks accept) ends examples."""
@@ -72,6 +77,9 @@ class ByteTokenizer:
 
     def chat(self, messages: Sequence[Message]) -> list[Segment]:
         raise ValueError("chat data needs the model's tokenizer and its chat template, not bytes")
+
+    def document(self, text: str) -> Ids:
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
 
 
 class ModelTokenizer:
@@ -110,6 +118,29 @@ class ModelTokenizer:
         seg = np.searchsorted(bounds, starts, side="right") - 1
         mask = np.where(starts >= 0, trainable[np.clip(seg, 0, len(segments))], False)
         return ids, mask.astype(np.bool_)
+
+    def document(self, text: str) -> Ids:
+        """Without offsets (a list per token); a long text in line-aligned chunks encoded as one batch,
+        which the Rust tokenizer spreads over cores. A token that would have merged across a chunk's
+        last newline is split there: at most one per 64 KiB."""
+        if len(text) <= DOCUMENT_CHUNK:
+            return np.asarray(self.tok(text)["input_ids"], dtype=np.int32)
+        chunks, start = [], 0
+        while start < len(text):
+            end = text.find("\n", start + DOCUMENT_CHUNK)
+            end = len(text) if end < 0 else end + 1
+            chunks.append(text[start:end])
+            start = end
+        # What the tokenizer wraps a text in (BOS, for some EOS), around the whole document only.
+        bare = self.tok("a", add_special_tokens=False)["input_ids"]
+        wrapped = self.tok("a")["input_ids"]
+        at = next(i for i in range(len(wrapped)) if wrapped[i : i + len(bare)] == bare)
+        parts = [
+            wrapped[:at],
+            *self.tok(chunks, add_special_tokens=False)["input_ids"],
+            wrapped[at + len(bare) :],
+        ]
+        return np.concatenate([np.asarray(p, dtype=np.int32) for p in parts])
 
     def chat(self, messages: Sequence[Message]) -> list[Segment]:
         """Each assistant turn is what the template adds after the generation prompt for it."""

@@ -33,7 +33,9 @@ class Batch:
         """The forward pass's keyword arguments, on the rank's device."""
         import torch
 
-        out = {"input_ids": self.input_ids, "labels": self.labels}
+        out = {"input_ids": self.input_ids}
+        if self.labels is not self.input_ids:  # a document stream's labels are its ids: one copy up
+            out["labels"] = self.labels
         if self.position_ids is not None:
             out["position_ids"] = self.position_ids
         if self.attention_mask is not None:
@@ -41,6 +43,7 @@ class Batch:
         inputs: dict[str, Any] = {
             k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in out.items()
         }
+        inputs.setdefault("labels", inputs["input_ids"])
         if self.position_ids is not None:
             # transformers reads packed sequences from the positions only without a KV cache,
             # which forward builds by default (use_cache) even when training: attention would cross.

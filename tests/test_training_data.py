@@ -70,6 +70,20 @@ def test_the_model_folder_tokenizer_is_the_default_and_bytes_the_fallback(
     assert tokenizer_kind(job(chat_assets / "model", plain, tokenizer="bytes")) == "bytes"
 
 
+def test_a_long_document_is_tokenised_in_chunks_that_lose_nothing(chat_assets: Path) -> None:
+    from fedjob.corpora import python_docs
+
+    tok = ModelTokenizer(chat_assets / "model")
+    short = "def f():\n    return 1\n"
+    assert tok.document(short).tolist() == tok.tok(short)["input_ids"]
+    text = python_docs(300_000)
+    ids = tok.document(text)
+    whole = tok.tok(text)["input_ids"]
+    assert tok.tok.decode(ids) == text
+    assert abs(ids.size - len(whole)) <= len(text) // (1 << 16) + 1  # at most a split per chunk
+    assert ByteTokenizer().document("é").tolist() == [0xC3, 0xA9]
+
+
 def test_chat_turns_are_trainable_exactly_where_the_assistant_speaks(chat_assets: Path) -> None:
     tok = ModelTokenizer(chat_assets / "model")
     segments = tok.chat([Message(m["role"], m["content"]) for m in CHAT])
