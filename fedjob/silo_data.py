@@ -138,10 +138,13 @@ def examples(path: Path, fmt: RecordFormatSpec, tokenizer: Tokenizer) -> Iterato
             ids, trainable = tokenizer.encode([(prompt, False), (output, True)])
             eos_seen = bool(ids.size) and int(ids[-1]) == tokenizer.eos_id
         else:
-            if fmt.messages_field not in r.fields:
-                raise DataError(f"{r.where}: the record has no field {fmt.messages_field!r}")
+            c = fmt.chat_fields
+            if c.messages not in r.fields:
+                raise DataError(
+                    f"{r.where}: the record has no field {c.messages!r} (it has {', '.join(r.fields)})"
+                )
             try:
-                messages = messages_from(r.fields[fmt.messages_field], fmt.messages_field)
+                messages = messages_from(r.fields[c.messages], c.messages, c.role, c.content)
                 segments = tokenizer.chat(messages)
             except ValueError as exc:
                 raise DataError(f"{r.where}: {exc}") from None

@@ -188,6 +188,16 @@ class InstructionFieldsSpec(_Spec):
     output: str = Field("output", min_length=1)
 
 
+class ChatFieldsSpec(_Spec):
+    """The record fields of chat data: OpenAI-style by default; ShareGPT's is
+    {messages: conversations, role: from, content: value} (its roles human and gpt are read as
+    user and assistant)."""
+
+    messages: str = Field("messages", min_length=1)
+    role: str = Field("role", min_length=1)
+    content: str = Field("content", min_length=1)
+
+
 class RecordFormatSpec(_Spec):
     """How a data path is read: what its records are and which fields hold the text."""
 
@@ -195,13 +205,13 @@ class RecordFormatSpec(_Spec):
         "text",
         description="text: .txt files, trained on whole; jsonl: records whose textField is trained on "
         "whole; instruction: {instruction, input, output} records, loss on the output only; chat: "
-        "{messages: [{role, content}]} records rendered with the tokenizer's chat template, loss on "
-        "assistant turns only. Records are read from .jsonl files, .parquet files or a Hugging Face "
+        "{messages: [{role, content}]} records (chatFields) rendered with the tokenizer's chat "
+        "template, loss on assistant turns only. Records are read from .jsonl files, .parquet files or a Hugging Face "
         "datasets folder (save_to_disk).",
     )
     text_field: str = Field("text", min_length=1, description="jsonl: the field holding the text.")
     instruction_fields: InstructionFieldsSpec = Field(default_factory=InstructionFieldsSpec)
-    messages_field: str = Field("messages", min_length=1, description="chat: the field holding the turns.")
+    chat_fields: ChatFieldsSpec = Field(default_factory=ChatFieldsSpec)
 
 
 class DataSpec(RecordFormatSpec):

@@ -198,17 +198,22 @@ def load_tokenizer(job: FederatedJob) -> Tokenizer:
     return ModelTokenizer(path)
 
 
-def messages_from(value: Any, field: str) -> list[Message]:
+# ShareGPT's (FastChat's) role names, read as the chat templates' own.
+ROLE_ALIASES = {"human": "user", "gpt": "assistant"}
+
+
+def messages_from(value: Any, field: str, role: str = "role", content: str = "content") -> list[Message]:
     """A record's conversation: a list of {role, content}; the error says which part is wrong."""
     if not isinstance(value, list) or not value:
-        raise ValueError(f"field {field!r} must be a non-empty list of {{role, content}} messages")
+        raise ValueError(f"field {field!r} must be a non-empty list of {{{role}, {content}}} messages")
     out = []
     for j, m in enumerate(value):
-        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str):
-            raise ValueError(f"{field}[{j}]: a message needs a string 'role'")
-        if not isinstance(m.get("content"), str):
-            raise ValueError(f"{field}[{j}]: a message needs a string 'content'")
-        out.append(Message(m["role"], m["content"]))
+        if not isinstance(m, Mapping) or not isinstance(m.get(role), str):
+            raise ValueError(f"{field}[{j}]: a message needs a string {role!r}")
+        if not isinstance(m.get(content), str):
+            raise ValueError(f"{field}[{j}]: a message needs a string {content!r}")
+        name = str(m[role])
+        out.append(Message(ROLE_ALIASES.get(name, name), str(m[content])))
     if not any(m.role == "assistant" for m in out):
         raise ValueError(f"field {field!r} has no assistant message: nothing to learn")
     return out

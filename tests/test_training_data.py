@@ -227,6 +227,23 @@ def test_configured_field_names_are_read(chat_assets: Path, tmp_path: Path) -> N
     assert isinstance(load(docs, j.spec.silos[0].data, j, load_tokenizer(j)).data, TokenStream)
 
 
+def test_sharegpt_conversations_read_like_openai_messages(chat_assets: Path, tmp_path: Path) -> None:
+    roles = {"system": "system", "user": "human", "assistant": "gpt"}
+    sharegpt = [{"conversations": [{"from": roles[m["role"]], "value": m["content"]} for m in CHAT]}] * 20
+    openai = [{"messages": CHAT}] * 20
+    windows = []
+    for name, records, fields in (
+        ("sharegpt", sharegpt, {"messages": "conversations", "role": "from", "content": "value"}),
+        ("openai", openai, {}),
+    ):
+        path = write_jsonl(tmp_path / f"{name}.jsonl", records)
+        j = job(chat_assets / "model", {"path": str(path), "format": "chat", "chatFields": fields})
+        data = load(path, j.spec.silos[0].data, j, load_tokenizer(j)).data
+        windows.append(data.fixed_batches(1, 1)[0])
+    assert (windows[0].input_ids == windows[1].input_ids).all()
+    assert (windows[0].labels == windows[1].labels).all()
+
+
 def test_each_silo_holds_out_a_seeded_sample_of_its_examples(chat_assets: Path) -> None:
     data = {"path": str(chat_assets / "data/numbers"), "format": "chat", "evalFraction": 0.2}
     j = parse_job(
