@@ -206,8 +206,8 @@ class RecordFormatSpec(_Spec):
         description="text: .txt files, trained on whole; jsonl: records whose textField is trained on "
         "whole; instruction: {instruction, input, output} records, loss on the output only; chat: "
         "{messages: [{role, content}]} records (chatFields) rendered with the tokenizer's chat "
-        "template, loss on assistant turns only. Records are read from .jsonl files, .parquet files or a Hugging Face "
-        "datasets folder (save_to_disk).",
+        "template, loss on assistant turns only. Records are read from .jsonl files, .parquet files "
+        "or a Hugging Face datasets folder (save_to_disk).",
     )
     text_field: str = Field("text", min_length=1, description="jsonl: the field holding the text.")
     instruction_fields: InstructionFieldsSpec = Field(default_factory=InstructionFieldsSpec)
