@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from fedjob import token_cache
 from fedjob.data_files import data_files, is_datasets_folder
 from fedjob.spec import DOCUMENT_FORMATS, FederatedJob, RecordFormatSpec
 from fedjob.tokenization import Tokenizer, load_tokenizer, messages_from
@@ -246,18 +247,45 @@ def load(path: str | Path, fmt: RecordFormatSpec, job: FederatedJob, tokenizer: 
     return _load_examples(where, fmt, job, tokenizer)
 
 
+def _cache_key(where: Path, fmt: RecordFormatSpec, job: FederatedJob, tokenizer: Tokenizer) -> str:
+    """What the token ids depend on: the files (by path, size, mtime), the tokenizer's files,
+    the format's fields and the window length (which truncates examples)."""
+    files = sorted(p for p in where.rglob("*") if p.is_file()) if is_datasets_folder(where) else []
+    files = files or data_files(where, fmt.format)
+    tokenizer_files: list[Path] = []
+    if tokenizer.name != "bytes" and job.spec.model.path is not None:
+        prefixes = ("tokenizer", "chat_template", "special_tokens", "vocab", "merges", "added_tokens")
+        tokenizer_files = sorted(
+            p for p in Path(job.spec.model.path).iterdir() if p.name.startswith(prefixes)
+        )
+    return token_cache.key(
+        {
+            "files": token_cache.file_stamp(files),
+            "tokenizer": [tokenizer.name, token_cache.file_stamp(tokenizer_files)],
+            "format": fmt.model_dump(include=set(RecordFormatSpec.model_fields)),
+            "sequence_length": job.spec.training.sequence_length,
+        }
+    )
+
+
 def _load_documents(
     where: Path, fmt: RecordFormatSpec, job: FederatedJob, tokenizer: Tokenizer
 ) -> LoadedData:
     t = job.spec.training
-    parts = []
-    # Documents are separated by EOS; bytes have none to spare, a newline does.
-    sep = np.asarray([10 if tokenizer.name == "bytes" else tokenizer.eos_id], dtype=np.int32)
-    for text in documents(where, fmt):
-        parts += [tokenizer.document(text), sep]
-    tokens = np.concatenate(parts[:-1]) if parts else np.zeros(0, np.int32)
-    if tokenizer.name == "bytes":
-        tokens = tokens.astype(np.uint8)  # a quarter of the memory
+    name = _cache_key(where, fmt, job, tokenizer)
+    cached = token_cache.load(name)
+    if cached is not None:
+        tokens = cached["tokens"]
+    else:
+        parts = []
+        # Documents are separated by EOS; bytes have none to spare, a newline does.
+        sep = np.asarray([10 if tokenizer.name == "bytes" else tokenizer.eos_id], dtype=np.int32)
+        for text in documents(where, fmt):
+            parts += [tokenizer.document(text), sep]
+        tokens = np.concatenate(parts[:-1]) if parts else np.zeros(0, np.int32)
+        if tokenizer.name == "bytes":
+            tokens = tokens.astype(np.uint8)  # a quarter of the memory
+        token_cache.save(name, {"tokens": tokens})
     if tokens.size <= t.sequence_length:
         raise DataError(
             f"{where}: {tokens.size} tokens, fewer than one training window (sequenceLength + 1 = "
@@ -266,8 +294,19 @@ def _load_documents(
     return LoadedData(TokenStream(tokens, t.sequence_length))
 
 
-def _load_examples(where: Path, fmt: RecordFormatSpec, job: FederatedJob, tokenizer: Tokenizer) -> LoadedData:
+def _examples_within(
+    where: Path, fmt: RecordFormatSpec, job: FederatedJob, tokenizer: Tokenizer
+) -> tuple[list[Example], int, int, int]:
+    """Examples cut to one window, those with no answer left dropped; and truncated, dropped, tokens."""
     t = job.spec.training
+    name = _cache_key(where, fmt, job, tokenizer)
+    cached = token_cache.load(name)
+    if cached is not None:
+        ends = np.cumsum(cached["lengths"])[:-1]
+        ids, masks = np.split(cached["ids"], ends), np.split(cached["trainable"], ends)
+        kept = [Example(i, m) for i, m in zip(ids, masks, strict=True)] if cached["lengths"].size else []
+        truncated, dropped, total = (int(v) for v in cached["counts"])
+        return kept, truncated, dropped, total
     kept, truncated, dropped, total = [], 0, 0, 0
     for e in examples(where, fmt, tokenizer):
         total += e.ids.size
@@ -278,6 +317,21 @@ def _load_examples(where: Path, fmt: RecordFormatSpec, job: FederatedJob, tokeni
             dropped += 1
             continue
         kept.append(e)
+    token_cache.save(
+        name,
+        {
+            "ids": np.concatenate([e.ids for e in kept]) if kept else np.zeros(0, np.int32),
+            "trainable": np.concatenate([e.trainable for e in kept]) if kept else np.zeros(0, np.bool_),
+            "lengths": np.asarray([e.ids.size for e in kept], dtype=np.int64),
+            "counts": np.asarray([truncated, dropped, total], dtype=np.int64),
+        },
+    )
+    return kept, truncated, dropped, total
+
+
+def _load_examples(where: Path, fmt: RecordFormatSpec, job: FederatedJob, tokenizer: Tokenizer) -> LoadedData:
+    t = job.spec.training
+    kept, truncated, dropped, total = _examples_within(where, fmt, job, tokenizer)
     if not kept:
         raise DataError(
             f"{where}: no {fmt.format} example with an answer inside one window (sequenceLength "

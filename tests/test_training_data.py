@@ -408,3 +408,45 @@ def test_prompt_and_prefix_tuning_train_on_padded_chat_windows(chat_assets: Path
     assert torch.isfinite(loss)
     loss.backward()
     assert all(p.grad is not None for _, p in modeling.trainable_parameters(model))
+
+
+# ----- tokenised once per silo, not once per process ------------------------------------------------
+
+
+def test_tokenised_data_is_cached_and_the_cache_follows_the_files(
+    chat_assets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FEDJOB_CACHE", str(tmp_path / "cache"))
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": CHAT}] * 30)
+    j = job(chat_assets / "model", {"path": str(path), "format": "chat"}, sequenceLength=64)
+    fmt = j.spec.silos[0].data
+    first = load(path, fmt, j, load_tokenizer(j))
+    assert len(list((tmp_path / "cache" / "tokens").glob("*.npz"))) == 1
+
+    class Refuses(ModelTokenizer):
+        def encode(self, *a: Any, **k: Any) -> Any:
+            raise AssertionError("tokenised again")
+
+    again = load(path, fmt, j, Refuses(chat_assets / "model"))
+    assert isinstance(again.data, ExampleSet) and isinstance(first.data, ExampleSet)
+    assert (again.data.windows.input_ids == first.data.windows.input_ids).all()
+    assert (again.data.windows.labels == first.data.windows.labels).all()
+    assert again.examples == first.examples
+
+    write_jsonl(path, [{"messages": CHAT}] * 31)  # changed data: tokenised afresh
+    with pytest.raises(AssertionError, match="tokenised again"):
+        load(path, fmt, j, Refuses(chat_assets / "model"))
+    other = job(chat_assets / "model", {"path": str(path), "format": "chat"}, sequenceLength=32)
+    with pytest.raises(AssertionError, match="tokenised again"):  # another window length truncates otherwise
+        load(path, other.spec.silos[0].data, other, Refuses(chat_assets / "model"))
+
+
+def test_an_unwritable_cache_costs_time_not_the_job(
+    chat_assets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocker = tmp_path / "cache"
+    blocker.write_text("a file where the cache folder would be")
+    monkeypatch.setenv("FEDJOB_CACHE", str(blocker))
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": CHAT}] * 30)
+    j = job(chat_assets / "model", {"path": str(path), "format": "chat"}, sequenceLength=64)
+    assert load(path, j.spec.silos[0].data, j, load_tokenizer(j)).examples == 30
