@@ -145,7 +145,8 @@ def data_problems(
 ) -> list[str]:
     """Each silo's data (and the shared eval set): readable in its format, every record whole, and
     at least one training window of tokens once tokenised. `report` gets what each path holds."""
-    from fedjob.silo_data import DataError, load
+    from fedjob.records import DataError
+    from fedjob.silo_data import load
 
     try:
         tokenizer = load_tokenizer(job)

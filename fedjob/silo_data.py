@@ -16,12 +16,12 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from fedjob import token_cache
 from fedjob.data_files import data_files, is_datasets_folder
+from fedjob.records import DataError, read_records, text_field
 from fedjob.spec import DOCUMENT_FORMATS, FederatedJob, RecordFormatSpec
 from fedjob.tokenization import Tokenizer, load_tokenizer, messages_from
 from fedjob.windows import Batch, Example, TokenStream, TrainingData, WindowSet, pack, pad
@@ -33,81 +33,6 @@ ALPACA_PROMPT = (
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
 )
-
-
-class DataError(ValueError):
-    """Data that cannot be trained on; the message names the file, line and field."""
-
-
-@dataclass(frozen=True)
-class Record:
-    where: str  # "file:line" or "folder row N"
-    fields: dict[str, Any]
-
-
-def read_records(path: Path) -> Iterator[Record]:
-    if is_datasets_folder(path):
-        yield from _datasets_records(path)
-        return
-    for f in data_files(path, "jsonl"):
-        if f.suffix == ".parquet":
-            yield from _parquet_records(f)
-            continue
-        with open(f, encoding="utf-8") as lines:
-            try:
-                for n, line in enumerate(lines, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        value = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise DataError(
-                            f"{f}:{n}: not valid JSON ({exc.msg} at column {exc.colno})"
-                        ) from None
-                    if not isinstance(value, dict):
-                        raise DataError(
-                            f"{f}:{n}: a record must be a JSON object, not {type(value).__name__}"
-                        )
-                    yield Record(f"{f}:{n}", value)
-            except UnicodeDecodeError as exc:
-                raise DataError(f"{f}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x})") from None
-
-
-def _parquet_records(f: Path) -> Iterator[Record]:
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(f)
-    except Exception as exc:  # pyarrow raises several types for a file that is not parquet
-        raise DataError(f"{f}: not a readable parquet file ({exc})") from None
-    for n, row in enumerate(table.to_pylist(), 1):
-        yield Record(f"{f} row {n}", row)
-
-
-def _datasets_records(path: Path) -> Iterator[Record]:
-    from datasets import Dataset, DatasetDict, load_from_disk
-
-    ds = load_from_disk(str(path))
-    if isinstance(ds, DatasetDict):
-        if "train" not in ds:
-            raise DataError(f"{path}: a DatasetDict without a 'train' split (it has {', '.join(ds)})")
-        ds = ds["train"]
-    assert isinstance(ds, Dataset)
-    for n, row in enumerate(ds, 1):
-        yield Record(f"{path} row {n}", dict(row))
-
-
-def _text(record: Record, field: str, required: bool = True) -> str:
-    value = record.fields.get(field)
-    if value is None and not required:
-        return ""
-    if field not in record.fields:
-        raise DataError(
-            f"{record.where}: the record has no field {field!r} (it has {', '.join(record.fields)})"
-        )
-    if not isinstance(value, str):
-        raise DataError(f"{record.where}: field {field!r} must be a string, not {type(value).__name__}")
-    return value
 
 
 def documents(path: Path, fmt: RecordFormatSpec) -> Iterator[str]:
@@ -122,7 +47,7 @@ def documents(path: Path, fmt: RecordFormatSpec) -> Iterator[str]:
                 ) from None
         return
     for r in read_records(path):
-        yield _text(r, fmt.text_field)
+        yield text_field(r, fmt.text_field)
 
 
 def examples(path: Path, fmt: RecordFormatSpec, tokenizer: Tokenizer) -> Iterator[Example]:
@@ -130,7 +55,11 @@ def examples(path: Path, fmt: RecordFormatSpec, tokenizer: Tokenizer) -> Iterato
     for r in read_records(path):
         if fmt.format == "instruction":
             f = fmt.instruction_fields
-            instruction, extra, output = _text(r, f.instruction), _text(r, f.input, False), _text(r, f.output)
+            instruction, extra, output = (
+                text_field(r, f.instruction),
+                text_field(r, f.input, False),
+                text_field(r, f.output),
+            )
             prompt = ALPACA_PROMPT.format(
                 with_input=", paired with an input that provides further context" if extra else "",
                 instruction=instruction,

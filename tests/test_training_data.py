@@ -22,7 +22,8 @@ import pytest
 import yaml
 
 from fedjob.preflight import preflight_problems
-from fedjob.silo_data import ALPACA_PROMPT, DataError, ExampleSet, layout, load, silo_data
+from fedjob.records import DataError
+from fedjob.silo_data import ALPACA_PROMPT, ExampleSet, layout, load, silo_data
 from fedjob.spec import FederatedJob, SpecError, parse_job
 from fedjob.tokenization import ByteTokenizer, Message, ModelTokenizer, load_tokenizer, tokenizer_kind
 from fedjob.windows import IGNORE, Example, TokenStream, pack, pad
