@@ -109,7 +109,7 @@ def test_a_lost_silo_is_reported_and_the_job_goes_on_while_the_quorum_holds(
     assert status["lostSilos"] == ["docs"]
     docs = next(s for s in status["silos"] if s["name"] == "docs")
     assert (
-        "spec.silos[1].data.path: no .txt files" in docs["failure"] or "folder not found" in docs["failure"]
+        "spec.silos[1].data.path: no text data at /data" in docs["failure"] or "not found" in docs["failure"]
     )
     assert any(
         r == "SiloLost" and "docs cannot run, and no retry can fix it" in m
@@ -143,7 +143,9 @@ def test_a_model_mistake_fails_the_job_at_once_with_its_reason(
     status = wait_for(lambda: finished(namespace, "mistaken"), 180, "the job to fail", interval=1)
     assert status["phase"] == "Failed"
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
-    assert failed["reason"] == "PermanentFailure", failed
+    # Every component meets the mistake within seconds: the aggregator's exit (PermanentFailure)
+    # or the silos' (QuorumLost, once too few are left) is seen first; both carry the reason.
+    assert failed["reason"] in ("PermanentFailure", "QuorumLost"), failed
     assert "spec.training.lora.targetModules: no module named 'q_proj'" in failed["message"]
     assert time.time() - started < 120
     assert any(r == "Failed" and "q_proj" in m for _, r, m in events(namespace, "mistaken"))
