@@ -78,7 +78,8 @@ def layouts(work: Path) -> list[tuple[str, int, int, int, float, float]]:
 
 
 def train(work: Path, packing: str, rounds: int) -> tuple[float, float, float]:
-    """Held-out answer loss before and after, and the job's wall time."""
+    """Held-out answer loss before and after, and the median round time after the first (which
+    also pays for start-up and one-off builds)."""
     out = work / "runs" / packing
     subprocess.run(["rm", "-rf", str(out)], check=True)
     started = time.time()
