@@ -25,12 +25,12 @@ $(STAMP): pyproject.toml
 	touch $@
 
 quickstart: $(STAMP)
-	$(PY) -m fedjob_cli.main example --out examples
+	$(PY) -m fedjob_cli.main example --out examples --which text
 	$(VENV)/bin/fedjob run examples/quickstart.yaml --out runs/quickstart
 
 # The second example: LoRA on three silos' chat data with the model's own tokenizer and chat template.
 chat-example: $(STAMP)
-	$(PY) -m fedjob_cli.main example --out examples
+	$(PY) -m fedjob_cli.main example --out examples --which chat
 	$(VENV)/bin/fedjob run examples/chat-lora.yaml --out runs/chat-lora
 
 test: $(STAMP) lint

@@ -151,12 +151,14 @@ def cmd_example(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     model = out / "models" / "tiny-gpt2"
-    if not (model / "config.json").exists() or args.force:
+    if args.which in ("all", "text") and (not (model / "config.json").exists() or args.force):
         build_tiny_model(model, pretrain_text=python_docstrings(300_000))
         print(f"built {model} (pre-trained briefly on standard-library docstrings)")
-    if not (out / "data" / "eval").exists() or args.force:
+    if args.which in ("all", "text") and (not (out / "data" / "eval").exists() or args.force):
         for name, folder in write_silo_folders(out / "data").items():
             print(f"wrote {name}: {folder}")
+    if args.which == "text":
+        return 0
     from fedjob.chat_example import build_tiny_chat_model, write_chat_silos
 
     chat = out / "models" / "tiny-chat"
@@ -309,6 +311,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("example", help="build the tiny example model and the example silo data")
     s.add_argument("--out", default="examples", help="folder for models/ and data/ (default examples)")
     s.add_argument("--force", action="store_true", help="rebuild even if they exist")
+    s.add_argument(
+        "--which",
+        choices=["all", "text", "chat"],
+        default="all",
+        help="text: the byte-level GPT-2 and text silos (quickstart.yaml); chat: the Llama-shaped chat "
+        "model with its tokenizer and the chat silos (chat-lora.yaml); all (default): both",
+    )
     s.set_defaults(fn=cmd_example)
 
     data = sub.add_parser("data", help="data tooling").add_subparsers(dest="data_command", required=True)
