@@ -125,10 +125,9 @@ def build_tokenizer(out: Path, text: str, vocab_size: int = 2048) -> None:
 
 def build_tiny_chat_model(out: Path, seed: int = 0, pretrain_steps: int = 300) -> Path:
     """A tiny Llama-shaped model and its tokenizer, pre-trained briefly on public docstrings."""
-    import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from fedjob.modeling import seed_everything
+    from fedjob.modeling import pretrain, seed_everything
     from fedjob.windows import TokenStream
 
     seed_everything(seed)
@@ -150,15 +149,7 @@ def build_tiny_chat_model(out: Path, seed: int = 0, pretrain_steps: int = 300) -
     )
     model = LlamaForCausalLM(config)
     ids = np.asarray(tok(text)["input_ids"], dtype=np.int32)
-    stream = TokenStream(ids, 128)
-    rng = np.random.default_rng(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(pretrain_steps):
-        loss = model(**stream.random_batch(rng, 16).model_inputs("cpu")).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
+    pretrain(model, TokenStream(ids, 128), pretrain_steps, seed)
     model.save_pretrained(out)
     model.generation_config.save_pretrained(out)
     return out

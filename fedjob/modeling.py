@@ -294,18 +294,27 @@ def build_tiny_model(
     )
     model = GPT2LMHeadModel(config)
     if pretrain_text:
-        import torch
-
         from fedjob.windows import TokenStream
 
-        corpus = TokenStream(np.frombuffer(pretrain_text.encode(), dtype=np.uint8), 64)
-        rng = np.random.default_rng(seed)
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        model.train()
-        for _ in range(pretrain_steps):
-            loss = model(**corpus.random_batch(rng, 16).model_inputs("cpu")).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
+        pretrain(
+            model,
+            TokenStream(np.frombuffer(pretrain_text.encode(), dtype=np.uint8), 64),
+            pretrain_steps,
+            seed,
+        )
     model.save_pretrained(out)
     return out
+
+
+def pretrain(model: Any, stream: Any, steps: int, seed: int) -> None:
+    """A brief pre-training of an example model on public text (AdamW, batches of 16), on the CPU."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        loss = model(**stream.random_batch(rng, 16).model_inputs("cpu")).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
