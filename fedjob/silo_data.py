@@ -10,6 +10,7 @@ record, the field a record lacks.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import logging
@@ -128,7 +129,11 @@ class ExampleSet:
         self.items = items
         self.packed = packed
         self._args = (sequence_length, pad_id)
-        self.windows: WindowSet = (pack if packed else pad)(items, sequence_length, pad_id)
+
+    @functools.cached_property
+    def windows(self) -> WindowSet:
+        """Laid out on first use: a set that is split is never laid out whole."""
+        return (pack if self.packed else pad)(self.items, *self._args)
 
     def num_samples(self) -> int:
         return self.windows.num_samples()
