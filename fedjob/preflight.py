@@ -94,7 +94,11 @@ def _tokenizer_problems(job: FederatedJob, vocab: int | None, where: str) -> lis
             f"vocabulary only {vocab} (config.json vocab_size): ids past it have no embedding"
         )
     if not tok.chat_template:
-        sources = [(f"spec.silos[{i}].data.format", s.data.format) for i, s in enumerate(job.spec.silos)]
+        sources = [
+            (f"spec.silos[{i}].data.format", s.data.format)
+            for i, s in enumerate(job.spec.silos)
+            if s.data is not None
+        ]
         if job.spec.eval is not None:
             sources.append(("spec.eval.format", job.spec.eval.format))
         problems += [
@@ -154,7 +158,7 @@ def data_problems(
         return []
     sources: list[tuple[str, str, RecordFormatSpec]] = []
     for i, s in enumerate(job.spec.silos):
-        if silos is not None and s.name not in silos:
+        if (silos is not None and s.name not in silos) or s.data is None:
             continue
         sources.append((f"spec.silos[{i}].data.path", s.data.path, s.data))
         if s.data.eval is not None:

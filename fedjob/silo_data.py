@@ -293,7 +293,7 @@ def _load_examples(where: Path, fmt: RecordFormatSpec, job: FederatedJob, tokeni
 
 def silo_data(job: FederatedJob, silo: str) -> tuple[TrainingData, TrainingData | None]:
     """A silo's training windows and its held-out windows (None when federated evaluation is off)."""
-    spec = job.silo(silo).data
+    spec = job.silo_data(silo)
     tokenizer = load_tokenizer(job)
     loaded = load(spec.path, spec, job, tokenizer)
     train: TrainingData = loaded.data

@@ -252,7 +252,13 @@ class StorageSpec(_Spec):
 
 class SiloSpec(_Spec):
     name: Annotated[str, Field(min_length=1, max_length=24, pattern=DNS_LABEL)]
-    data: DataSpec
+    external: bool = Field(
+        False,
+        description="The silo runs in its own cluster or machine and joins with a bootstrap token "
+        "(a FederatedSilo there, or `fedjob silo join`): no pod is made for it here, its key never "
+        "leaves it, and its data and model path are set on its side.",
+    )
+    data: DataSpec | None = Field(None, description="The silo's data (required unless external).")
     processes: int = Field(1, ge=1, le=64, description="Training processes in this silo (torch distributed).")
     local_steps: int | None = Field(
         None,
@@ -460,8 +466,35 @@ class StreamDeadlinesSpec(_Spec):
     )
 
 
+class ServiceSpec(_Spec):
+    """How the aggregator is reached. External silos need it from outside the cluster: a NodePort or
+    LoadBalancer, or an Ingress/Gateway with TLS passthrough (mTLS must end at the aggregator)."""
+
+    type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
+    annotations: dict[str, str] = {}
+    port: int = Field(50051, ge=1, le=65535, description="The mTLS gRPC port of the Service.")
+    enrollment_port: int = Field(
+        50052,
+        ge=1,
+        le=65535,
+        description="The enrollment port of the Service (external silos get their first certificate "
+        "there; opened only when the job has external silos).",
+    )
+    node_port: int | None = Field(None, ge=30000, le=32767, description="NodePort: the gRPC port's.")
+    enrollment_node_port: int | None = Field(None, ge=30000, le=32767)
+
+    @model_validator(mode="after")
+    def _ports(self) -> ServiceSpec:
+        if self.port == self.enrollment_port:
+            raise ValueError("port and enrollmentPort must differ")
+        if self.type == "ClusterIP" and (self.node_port or self.enrollment_node_port):
+            raise ValueError("nodePort and enrollmentNodePort need type NodePort or LoadBalancer")
+        return self
+
+
 class AggregatorSpec(_Spec):
     storage: StorageSpec = Field(default_factory=StorageSpec)
+    service: ServiceSpec = Field(default_factory=ServiceSpec)
     streams: StreamDeadlinesSpec = Field(default_factory=StreamDeadlinesSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
 
@@ -520,6 +553,20 @@ class PrivacySpec(_Spec):
     dp: DpSpec | None = None
 
 
+class EnrollmentSpec(_Spec):
+    """External silos: their bootstrap tokens and certificates."""
+
+    token_ttl_hours: float = Field(
+        24, gt=0, le=24 * 365, description="How long a bootstrap token may be used, from its creation."
+    )
+    certificate_days: float = Field(
+        30,
+        gt=0,
+        le=3650,
+        description="Validity of an enrolled silo's certificate; the silo renews it when a third is left.",
+    )
+
+
 class ImagesSpec(_Spec):
     aggregator: str | None = Field(None, min_length=1)
     worker: str | None = Field(None, min_length=1)
@@ -537,6 +584,12 @@ class JobSpec(_Spec):
     aggregator: AggregatorSpec = Field(default_factory=AggregatorSpec)
     privacy: PrivacySpec = Field(default_factory=PrivacySpec)
     images: ImagesSpec = Field(default_factory=ImagesSpec)
+    enrollment: EnrollmentSpec = Field(default_factory=EnrollmentSpec)
+    revoked_silos: list[str] = Field(
+        [],
+        description="Silos refused from their next call on (their certificates and any enrollment); "
+        "may change while the job runs.",
+    )
     suspend: bool = False
 
     @model_validator(mode="after")
@@ -561,6 +614,17 @@ class JobSpec(_Spec):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             problems.append(f"silos: names must be unique, repeated: {', '.join(dupes)}")
+        for i, s in enumerate(self.silos):
+            if s.external and s.data is not None:
+                problems.append(
+                    f"silos[{i}].data: an external silo sets its data on its own side (its FederatedSilo "
+                    "or `fedjob silo join` file); leave it out here"
+                )
+            if not s.external and s.data is None:
+                problems.append(f"silos[{i}].data: required (unless the silo is external)")
+        unknown = sorted(set(self.revoked_silos) - set(names))
+        if unknown:
+            problems.append(f"revokedSilos: not silos of this job: {', '.join(unknown)}")
         if self.aggregation.min_silos > len(self.silos):
             problems.append(f"aggregation.minSilos: must be at most the number of silos ({len(self.silos)})")
         k = self.aggregation.silos_per_round
@@ -577,6 +641,8 @@ class JobSpec(_Spec):
                     "process per GPU (NCCL refuses two ranks on one GPU, and a GPU without a rank idles)"
                 )
         for i, s in enumerate(self.silos):
+            if s.data is None:
+                continue
             if self.evaluation.batches == 0 and s.data.eval is not None:
                 problems.append(
                     f"silos[{i}].data.eval: needs evaluation.batches > 0 (federated evaluation is off)"
@@ -803,6 +869,20 @@ class FederatedJob(BaseModel):
     def silo_names(self) -> list[str]:
         return [s.name for s in self.spec.silos]
 
+    def silo_data(self, name: str) -> DataSpec:
+        """The data a silo trains on; only the silo's own side knows an external silo's."""
+        data = self.silo(name).data
+        if data is None:
+            raise ValueError(f"silo {name!r} is external: its data is set on its own side")
+        return data
+
+    def external_silos(self) -> list[str]:
+        return [s.name for s in self.spec.silos if s.external]
+
+    def hosted_silos(self) -> list[str]:
+        """The silos whose pods the owner's side runs."""
+        return [s.name for s in self.spec.silos if not s.external]
+
 
 def state_identity(spec: JobSpec) -> dict[str, Any]:
     """The fields that shape what a checkpoint holds: the trainable tensors, the server's memory
@@ -969,6 +1049,21 @@ def job_document(job: FederatedJob) -> dict[str, Any]:
     return doc
 
 
+def document_for_silo(job: FederatedJob, silo: str) -> dict[str, Any]:
+    """The job as one silo runs it: its own entry; the other silos by name only (their data and
+    placement are none of its business), and neither the owner's model folder nor its eval set."""
+    doc = job_document(job)
+    spec = doc["spec"]
+    spec["silos"] = [
+        s if s["name"] == silo else {"name": s["name"], "external": True, "processes": s.get("processes", 1)}
+        for s in spec["silos"]
+    ]
+    spec.pop("eval", None)
+    spec["model"].pop("volume", None)
+    doc.pop("status", None)
+    return doc
+
+
 def resolve_paths(job: FederatedJob, base: Path) -> FederatedJob:
     def absolute(value: str) -> str:
         return str((base / value).resolve()) if not Path(value).is_absolute() else value
@@ -982,7 +1077,7 @@ def resolve_paths(job: FederatedJob, base: Path) -> FederatedJob:
         ev = d.eval.model_copy(update={"path": absolute(d.eval.path)}) if d.eval else None
         return d.model_copy(update={"path": absolute(d.path), "eval": ev})
 
-    silos = [s.model_copy(update={"data": data(s.data)}) for s in spec.silos]
+    silos = [s.model_copy(update={"data": data(s.data)}) if s.data else s for s in spec.silos]
     ev = spec.eval.model_copy(update={"path": absolute(spec.eval.path)}) if spec.eval else None
     return job.model_copy(
         update={"spec": spec.model_copy(update={"model": model, "silos": silos, "eval": ev})}
@@ -1007,7 +1102,7 @@ def local_path_problems(
                 f"spec.model.path: no config.json in {mp} (expected a Hugging Face-layout folder)"
             )
     for i, s in enumerate(job.spec.silos):
-        if silos is not None and s.name not in silos:
+        if (silos is not None and s.name not in silos) or s.data is None:
             continue
         problems += _data_path_problems(f"spec.silos[{i}].data.path", s.data.path, s.data)
         if s.data.eval is not None:

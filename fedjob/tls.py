@@ -7,6 +7,7 @@ so the aggregator can authorise a caller from its verified certificate alone.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import ipaddress
 import os
 from dataclasses import dataclass
@@ -94,12 +95,26 @@ def issue(
     not_before: dt.datetime | None = None,
     days: float = 365,
 ) -> KeyPair:
-    """Sign a leaf certificate for `identity`. The aggregator's is for servers, the rest for clients."""
+    """A new key and a certificate for `identity` (the aggregator's for servers, the rest for clients)."""
+    key = _new_key()
+    cert_pem = sign_public_key(ca, key.public_key(), identity, dns_names, ip_addresses, not_before, days)
+    return KeyPair(cert_pem, _key_pem(key))
+
+
+def sign_public_key(
+    ca: KeyPair,
+    public_key: ec.EllipticCurvePublicKey,
+    identity: Identity,
+    dns_names: tuple[str, ...] = (),
+    ip_addresses: tuple[str, ...] = (),
+    not_before: dt.datetime | None = None,
+    days: float = 365,
+) -> bytes:
+    """Certify a key someone else holds (an enrolling silo's): the identity is ours to set, never theirs."""
     ca_cert = x509.load_pem_x509_certificate(ca.cert_pem)
     ca_key = serialization.load_pem_private_key(ca.key_pem, password=None)
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
         raise ValueError("the job CA key must be an EC key")
-    key = _new_key()
     start = not_before or (_now() - dt.timedelta(minutes=5))
     sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity.uri)]
     sans += [x509.DNSName(d) for d in dns_names]
@@ -111,7 +126,7 @@ def issue(
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, identity.name)]))
         .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)
         .not_valid_after(start + dt.timedelta(days=days))
@@ -123,7 +138,21 @@ def issue(
         )
         .sign(ca_key, hashes.SHA256())
     )
-    return KeyPair(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def ca_hash(ca_cert_pem: bytes) -> str:
+    """The CA's pin, as `kubeadm join --discovery-token-ca-cert-hash` writes it: sha256 of its public key."""
+    cert = x509.load_pem_x509_certificate(ca_cert_pem)
+    spki = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return "sha256:" + hashlib.sha256(spki).hexdigest()
+
+
+def serial_of(cert_pem: bytes) -> str:
+    """A certificate's serial number in hex: how revocation and supersession name it."""
+    return format(x509.load_pem_x509_certificate(cert_pem).serial_number, "x")
 
 
 def identity_of(cert_pem: bytes) -> Identity:
@@ -177,8 +206,8 @@ def write_job_certs(
         ca = KeyPair(files.ca.read_bytes(), (root / "ca.key").read_bytes())
     else:
         ca = create_ca(job, days)
-        _write(files.ca, ca.cert_pem, 0o644)
-        _write(root / "ca.key", ca.key_pem, 0o600)
+        write_file(files.ca, ca.cert_pem, 0o644)
+        write_file(root / "ca.key", ca.key_pem, 0o600)
     wanted = {
         "aggregator": Identity(job, "aggregator", "aggregator"),
         "observer": Identity(job, "observer", "observer"),
@@ -190,12 +219,13 @@ def write_job_certs(
         dns = aggregator_dns_names(job, namespace) if who == "aggregator" else ()
         ips = ("127.0.0.1", "::1") if who == "aggregator" else ()
         pair = issue(ca, ident, dns, ips, days=days)
-        _write(files.key(who), pair.key_pem, 0o600)
-        _write(files.cert(who), pair.cert_pem, 0o644)
+        write_file(files.key(who), pair.key_pem, 0o600)
+        write_file(files.cert(who), pair.cert_pem, 0o644)
     return files
 
 
-def _write(path: Path, data: bytes, mode: int) -> None:
+def write_file(path: Path, data: bytes, mode: int) -> None:
+    """Atomically, created with `mode` (a key is never readable by others, not even for a moment)."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "wb") as f:

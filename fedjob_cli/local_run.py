@@ -29,10 +29,11 @@ from rich.live import Live
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 
+from fedjob.enrollment import Authority, FileRegistry, exchange, new_token_record
 from fedjob.errors import EXIT_PERMANENT, TERMINATION_LOG_ENV
 from fedjob.modeling import result_folder
 from fedjob.spec import FederatedJob, identity_differences, job_document, state_identity
-from fedjob.tls import write_job_certs
+from fedjob.tls import KeyPair, ca_hash, write_job_certs
 from fedjob.update_stages import uplink_codec
 from fedjob.uplink import job_uplink
 from fedjob.v1 import fedjob_pb2 as pb
@@ -128,7 +129,19 @@ class LocalRun:
 
     def __post_init__(self) -> None:
         self.port = free_port()
-        self.certs = write_job_certs(self.out / "certs", self.job.name, self.job.silo_names())
+        self.enrollment_port = free_port()
+        # External silos make their own keys (`fedjob silo join`): none is made for them here.
+        self.certs = write_job_certs(self.out / "certs", self.job.name, self.job.hosted_silos())
+        self.authority: Authority | None = None
+        if self.job.external_silos() or self.job.spec.revoked_silos:
+            self.authority = Authority(
+                self.job.name,
+                KeyPair(self.certs.ca.read_bytes(), (self.certs.root / "ca.key").read_bytes()),
+                FileRegistry(self.out / "enrollment"),
+                set(self.job.external_silos()),
+                set(self.job.spec.revoked_silos),
+                days=self.job.spec.enrollment.certificate_days,
+            )
         (self.out / "logs").mkdir(parents=True, exist_ok=True)
         base = [sys.executable, "-m", "fedjob_cli.main"]
         self.aggregator = Proc(
@@ -145,6 +158,8 @@ class LocalRun:
                 str(self.port),
                 "--metrics-port",
                 "0",
+                "--enrollment-port",
+                str(self.enrollment_port),
                 "--exit-after",
                 "20",
             ],
@@ -169,10 +184,11 @@ class LocalRun:
                 self.out / "logs" / f"silo-{s.name}.log",
             )
             for s in self.job.spec.silos
+            if not s.external
         ]
         # All silos share this machine: without a cap each process starts one busy-waiting
         # OpenMP thread per core and a round takes ten times longer.
-        procs = sum(s.processes for s in self.job.spec.silos)
+        procs = sum(s.processes for s in self.job.spec.silos if not s.external)
         threads = str(max(1, (os.cpu_count() or 1) // procs))
         watched = {PARENT_ENV: str(os.getpid())}  # they stop if we are killed outright
         for w in self.workers:
@@ -182,6 +198,31 @@ class LocalRun:
         creds = grpc.ssl_channel_credentials(ca, key, cert)
         self.channel = grpc.secure_channel(f"127.0.0.1:{self.port}", creds)
         self.stub = pb_grpc.FederatedTrainingStub(self.channel)
+
+    def tokens(self) -> dict[str, Path]:
+        """A bootstrap token file per external silo that has none it could still use."""
+        registry = FileRegistry(self.out / "enrollment")
+        live = {t.silo for t in registry.tokens() if not t.used_by and t.expires > time.time()}
+        out = {}
+        for silo in self.job.external_silos():
+            path = self.out / "enrollment" / f"{silo}.token"
+            if silo not in live:
+                token, record = new_token_record(silo, self.job.spec.enrollment.token_ttl_hours * 3600)
+                registry.add_token(record)
+                path.write_text(f"{token}\n")
+                path.chmod(0o600)
+            out[silo] = path
+        return out
+
+    def _sync_enrollments(self) -> None:
+        if self.authority is None:
+            return
+        try:
+            answered = exchange(self.authority, lambda m: self.stub.SyncEnrollments(m, timeout=5))
+        except grpc.RpcError:
+            return  # the aggregator is (re)starting; the next tick syncs
+        if answered:
+            self.console.print(f"answered {answered} enrollment request(s)")
 
     def status(self) -> pb.JobStatus | None:
         try:
@@ -240,6 +281,12 @@ class LocalRun:
         self.aggregator.start()
         for w in self.workers:
             w.start()
+        for silo, path in self.tokens().items():
+            self.console.print(
+                f"silo [cyan]{silo}[/] is external: it joins with `fedjob silo join` (aggregator "
+                f"127.0.0.1:{self.port}, enrollment 127.0.0.1:{self.enrollment_port}, CA "
+                f"{ca_hash(self.certs.ca.read_bytes())}, token in {path})"
+            )
         last: pb.JobStatus | None = None
         failure: str | None = None
         succeeded = False
@@ -258,6 +305,7 @@ class LocalRun:
                 live.start()
             while True:
                 time.sleep(0.5)
+                self._sync_enrollments()
                 st = self.status()
                 last = st or last
                 if live:

@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+import yaml
+
 from fedjob.errors import EXIT_PERMANENT, PermanentError, write_termination_message
 from fedjob.spec import FederatedJob, SpecError, load_job, local_path_problems
 from fedjob_cli.parent_watch import watch_parent_from_env
@@ -96,6 +98,7 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
             host=args.host,
             port=args.port,
             metrics_port=args.metrics_port,
+            enrollment_port=args.enrollment_port,
             linger_seconds=args.exit_after,
         ),
     )
@@ -126,6 +129,22 @@ def cmd_worker(args: argparse.Namespace) -> int:
             state=Path(args.state) if args.state else None,
         ),
     )
+
+
+def cmd_silo_join(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from fedjob.silo_spec import parse_silo
+    from fedjob_cli.silo_join import join
+
+    try:
+        doc = yaml.safe_load(Path(args.file).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise SpecError(args.file, (f"cannot read: {exc}",)) from None
+    silo = parse_silo(doc, args.file)
+    token = Path(args.token_file).read_text().strip() if args.token_file else os.environ.get("FEDJOB_TOKEN")
+    workdir = Path(args.workdir or f"silo-{silo.spec.silo}")
+    return join(silo, workdir, token, Console())
 
 
 def cmd_operator(args: argparse.Namespace) -> int:
@@ -272,6 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-port", type=int, default=9090, help="Prometheus /metrics port (default 9090; 0: any)"
     )
     s.add_argument(
+        "--enrollment-port",
+        type=int,
+        default=50052,
+        help="where external silos enroll, when the job has any (default 50052; 0: any)",
+    )
+    s.add_argument(
         "--exit-after",
         type=float,
         metavar="SECONDS",
@@ -296,6 +321,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder that keeps the silo's update-stage state (topk's residual) across restarts",
     )
     s.set_defaults(fn=cmd_worker)
+
+    silo = sub.add_parser("silo", help="an external silo's side").add_subparsers(
+        dest="silo_command", required=True
+    )
+    s = silo.add_parser(
+        "join", help="enroll (key made here, never sent) and train, from a FederatedSilo file"
+    )
+    s.add_argument("file", help="a FederatedSilo YAML file")
+    s.add_argument("--token-file", help="the bootstrap token from the job's owner (or FEDJOB_TOKEN)")
+    s.add_argument("--workdir", help="key, certificate, job and logs (default silo-<name>)")
+    s.set_defaults(fn=cmd_silo_join)
 
     s = sub.add_parser("operator", help="run the Kubernetes operator (Kopf)")
     s.add_argument("--namespace", action="append", help="namespace to watch (repeatable; default: all)")

@@ -28,8 +28,9 @@ from fedjob.tls import CertFiles
 from fedjob.v1 import fedjob_pb2_grpc as pb_grpc
 from fedjob_aggregator.admission import pool_size
 from fedjob_aggregator.coordinator import Coordinator
+from fedjob_aggregator.enrollment_desk import EnrollmentDesk
 from fedjob_aggregator.metrics import AggregatorMetrics
-from fedjob_aggregator.servicer import FederatedTrainingServicer
+from fedjob_aggregator.servicer import EnrollmentServicer, FederatedTrainingServicer
 
 log = logging.getLogger("fedjob.aggregator")
 SERVICE = "fedjob.v1.FederatedTraining"
@@ -42,6 +43,8 @@ class AggregatorOptions:
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int = 9090
+    # Opened only for a job with external silos (0: any free port).
+    enrollment_port: int = 50052
     # After the last round: stay up this long for silos to hear the end, then exit
     # (`fedjob run`). None: keep serving status until SIGTERM (a Deployment's pod
     # must not exit, or it is restarted; the operator scales it to zero).
@@ -124,6 +127,23 @@ def build_server(
     return server, bound, health_servicer
 
 
+def build_enrollment_server(
+    job: FederatedJob, desk: EnrollmentDesk, host: str, port: int
+) -> tuple[grpc.Server, int]:
+    """The enrollment port: plaintext, one small call, its own few threads (a flood of enrollments
+    cannot take a thread from training), messages capped at 64 KiB."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=4),
+        options=[("grpc.max_receive_message_length", 1 << 16), ("grpc.max_send_message_length", 1 << 16)],
+        maximum_concurrent_rpcs=16,
+    )
+    pb_grpc.add_EnrollmentServicer_to_server(EnrollmentServicer(job, desk), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port} for enrollment")
+    return server, bound
+
+
 def _return_large_buffers_to_the_kernel() -> None:
     """Make glibc serve every buffer of 1 MiB or more with its own mapping, unmapped when freed.
 
@@ -167,8 +187,14 @@ def serve(job: FederatedJob, opts: AggregatorOptions) -> int:
         manifest=hooks.manifest,
     )
     metrics.round.labels(metrics.job).set(coord.completed)
-    servicer = FederatedTrainingServicer(job, coord, metrics)
+    desk = EnrollmentDesk(opts.workdir / "certificates.json", job.external_silos())
+    servicer = FederatedTrainingServicer(job, coord, metrics, desk=desk)
     server, port, health_servicer = build_server(job, servicer, CertFiles(opts.certs), opts.host, opts.port)
+    enrollment: grpc.Server | None = None
+    enrollment_port = 0
+    if job.external_silos():
+        enrollment, enrollment_port = build_enrollment_server(job, desk, opts.host, opts.enrollment_port)
+        enrollment.start()
     http, _ = start_http_server(opts.metrics_port, addr=opts.host, registry=metrics.registry)
     server.start()
     for name in ("", SERVICE):
@@ -179,6 +205,7 @@ def serve(job: FederatedJob, opts: AggregatorOptions) -> int:
             {
                 "port": port,
                 "metrics_port": http.server_port,
+                "enrollment_port": enrollment_port,
                 "host": opts.host,
                 "pid": os.getpid(),
                 "started": time.time(),
@@ -187,6 +214,8 @@ def serve(job: FederatedJob, opts: AggregatorOptions) -> int:
         ).encode(),
     )
     log.info("aggregator for job %s on %s:%d (metrics :%d)", job.name, opts.host, port, http.server_port)
+    if enrollment is not None:
+        log.info("enrollment for external silos on %s:%d", opts.host, enrollment_port)
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -205,6 +234,8 @@ def serve(job: FederatedJob, opts: AggregatorOptions) -> int:
     for name in ("", SERVICE):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     server.stop(grace=2).wait()
+    if enrollment is not None:
+        enrollment.stop(grace=1).wait()
     servicer.watch.stop()
     http.shutdown()
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

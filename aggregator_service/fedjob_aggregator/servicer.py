@@ -8,13 +8,15 @@ from contextlib import contextmanager
 from typing import Any
 
 import grpc
+import yaml
 
-from fedjob.spec import FederatedJob
-from fedjob.tls import Identity, identity_of
+from fedjob.spec import FederatedJob, document_for_silo
+from fedjob.tls import Identity, identity_of, serial_of
 from fedjob.v1 import fedjob_pb2 as pb
 from fedjob.v1 import fedjob_pb2_grpc as pb_grpc
 from fedjob_aggregator.admission import Admission, IdleWatch, StreamClock, TooManyCalls
 from fedjob_aggregator.coordinator import Coordinator
+from fedjob_aggregator.enrollment_desk import DeskFull, EnrollmentDesk, NoAnswer
 from fedjob_aggregator.metrics import AggregatorMetrics
 from fedjob_aggregator.round_state import Refused
 
@@ -33,10 +35,12 @@ class FederatedTrainingServicer(pb_grpc.FederatedTrainingServicer):
         coordinator: Coordinator,
         metrics: AggregatorMetrics,
         watch: IdleWatch | None = None,
+        desk: EnrollmentDesk | None = None,
     ) -> None:
         self.job = job
         self.coord = coordinator
         self.metrics = metrics
+        self.desk = desk or EnrollmentDesk(None, job.external_silos())
         self.admission = Admission()
         deadlines = job.spec.aggregator.streams
         self.watch = watch or IdleWatch(deadlines.header_seconds, deadlines.idle_seconds)
@@ -58,13 +62,18 @@ class FederatedTrainingServicer(pb_grpc.FederatedTrainingServicer):
 
     # ----- identity ---------------------------------------------------------------------------------
 
-    def _identity(self, context: grpc.ServicerContext) -> Identity:
-        """Who is calling, from the certificate the TLS layer verified against the job CA."""
+    def _certificate(self, context: grpc.ServicerContext) -> bytes:
         pems = context.auth_context().get("x509_pem_cert")
         if not pems:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "a client certificate from the job CA is required")
+        pem: bytes = pems[0]
+        return pem
+
+    def _identity(self, context: grpc.ServicerContext) -> Identity:
+        """Who is calling, from the certificate the TLS layer verified against the job CA."""
+        pem = self._certificate(context)
         try:
-            ident = identity_of(pems[0])
+            ident = identity_of(pem)
         except ValueError as exc:
             context.abort(grpc.StatusCode.PERMISSION_DENIED, f"certificate carries no fedjob identity: {exc}")
         if ident.job != self.job.name:
@@ -85,6 +94,11 @@ class FederatedTrainingServicer(pb_grpc.FederatedTrainingServicer):
             context.abort(
                 grpc.StatusCode.PERMISSION_DENIED, f"silo {ident.name!r} is not part of job {self.job.name!r}"
             )
+        # A revoked silo, or an external silo's superseded certificate: refused from this call on.
+        refusal = self.desk.refusal(ident.name, serial_of(self._certificate(context)))
+        if refusal is not None:
+            self.metrics.rejected(ident.name, refusal.split(":", 1)[0])
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
         return ident.name
 
     def _refuse(self, context: grpc.ServicerContext, silo: str, exc: Refused, counted: bool = True) -> Any:
@@ -236,7 +250,80 @@ class FederatedTrainingServicer(pb_grpc.FederatedTrainingServicer):
                 self._refuse(context, silo, exc)
         return pb.ProgressReceipt()
 
+    def RenewCertificate(self, request: pb.RenewRequest, context: grpc.ServicerContext) -> pb.EnrollReply:
+        silo = self._silo(context)
+        pending = pb.PendingEnrollment(
+            silo=silo, renew_serial=serial_of(self._certificate(context)), csr_pem=request.csr_pem
+        )
+        with self._admitted(context, silo, "other"):
+            return answer(self.desk, pending, context)
+
+    def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.JobDocument:
+        silo = self._silo(context)
+        return pb.JobDocument(yaml=yaml.safe_dump(document_for_silo(self.job, silo), sort_keys=False))
+
+    def SyncEnrollments(
+        self, request: pb.EnrollmentSync, context: grpc.ServicerContext
+    ) -> pb.PendingEnrollments:
+        ident = self._identity(context)
+        if ident.role != "observer":
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED, f"only the job's owner may; caller is {ident.uri}"
+            )
+        with self._admitted(context, "observer/enrollment", "status"):
+            return self.desk.sync(request)
+
     def GetStatus(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.JobStatus:
         ident = self._identity(context)
         with self._admitted(context, f"{ident.role}/{ident.name}", "status"):
             return self.coord.status()
+
+
+# How the owner's refusals reach the silo: a token or identity problem is PERMISSION_DENIED, a
+# malformed CSR INVALID_ARGUMENT, a silo that does not enroll this way FAILED_PRECONDITION.
+REFUSAL_CODES = {
+    "bad_csr": grpc.StatusCode.INVALID_ARGUMENT,
+    "not_external": grpc.StatusCode.FAILED_PRECONDITION,
+}
+ANSWER_SECONDS = 30.0
+
+
+def answer(
+    desk: EnrollmentDesk, pending: pb.PendingEnrollment, context: grpc.ServicerContext
+) -> pb.EnrollReply:
+    """Wait at the desk for the owner's outcome and turn it into the reply or a status."""
+    try:
+        outcome = desk.submit(pending, ANSWER_SECONDS)
+    except DeskFull as exc:
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+    except NoAnswer as exc:
+        context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+    if outcome.refusal_reason:
+        log.warning("refused enrollment of %s: %s", pending.silo, outcome.refusal_reason)
+        code = REFUSAL_CODES.get(outcome.refusal_reason, grpc.StatusCode.PERMISSION_DENIED)
+        context.abort(code, f"{outcome.refusal_reason}: {outcome.refusal_message}")
+    log.info("silo %s %s", pending.silo, "renewed its certificate" if pending.renew_serial else "enrolled")
+    return pb.EnrollReply(ca_pem=outcome.ca_pem, cert_pem=outcome.cert_pem)
+
+
+class EnrollmentServicer(pb_grpc.EnrollmentServicer):
+    """The enrollment port's one call. It runs without TLS: nothing in it is secret (enrollment.py)."""
+
+    def __init__(self, job: FederatedJob, desk: EnrollmentDesk) -> None:
+        self.job = job
+        self.desk = desk
+
+    def Enroll(self, request: pb.EnrollRequest, context: grpc.ServicerContext) -> pb.EnrollReply:
+        if request.job != self.job.name:
+            context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"wrong_job: this aggregator serves job {self.job.name!r}, not {request.job!r}",
+            )
+        if request.silo not in self.job.silo_names():
+            context.abort(
+                grpc.StatusCode.NOT_FOUND, f"unknown_silo: job {self.job.name!r} has no silo {request.silo!r}"
+            )
+        pending = pb.PendingEnrollment(
+            silo=request.silo, token_id=request.token_id, proof=request.proof, csr_pem=request.csr_pem
+        )
+        return answer(self.desk, pending, context)

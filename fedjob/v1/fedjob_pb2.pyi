@@ -7,6 +7,98 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class EnrollRequest(_message.Message):
+    __slots__ = ("job", "silo", "token_id", "proof", "csr_pem")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    SILO_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    PROOF_FIELD_NUMBER: _ClassVar[int]
+    CSR_PEM_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    silo: str
+    token_id: str
+    proof: str
+    csr_pem: bytes
+    def __init__(self, job: _Optional[str] = ..., silo: _Optional[str] = ..., token_id: _Optional[str] = ..., proof: _Optional[str] = ..., csr_pem: _Optional[bytes] = ...) -> None: ...
+
+class EnrollReply(_message.Message):
+    __slots__ = ("ca_pem", "cert_pem")
+    CA_PEM_FIELD_NUMBER: _ClassVar[int]
+    CERT_PEM_FIELD_NUMBER: _ClassVar[int]
+    ca_pem: bytes
+    cert_pem: bytes
+    def __init__(self, ca_pem: _Optional[bytes] = ..., cert_pem: _Optional[bytes] = ...) -> None: ...
+
+class RenewRequest(_message.Message):
+    __slots__ = ("csr_pem",)
+    CSR_PEM_FIELD_NUMBER: _ClassVar[int]
+    csr_pem: bytes
+    def __init__(self, csr_pem: _Optional[bytes] = ...) -> None: ...
+
+class GetJobRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class JobDocument(_message.Message):
+    __slots__ = ("yaml",)
+    YAML_FIELD_NUMBER: _ClassVar[int]
+    yaml: str
+    def __init__(self, yaml: _Optional[str] = ...) -> None: ...
+
+class PendingEnrollment(_message.Message):
+    __slots__ = ("request_id", "silo", "token_id", "proof", "csr_pem", "renew_serial")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SILO_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    PROOF_FIELD_NUMBER: _ClassVar[int]
+    CSR_PEM_FIELD_NUMBER: _ClassVar[int]
+    RENEW_SERIAL_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    silo: str
+    token_id: str
+    proof: str
+    csr_pem: bytes
+    renew_serial: str
+    def __init__(self, request_id: _Optional[str] = ..., silo: _Optional[str] = ..., token_id: _Optional[str] = ..., proof: _Optional[str] = ..., csr_pem: _Optional[bytes] = ..., renew_serial: _Optional[str] = ...) -> None: ...
+
+class PendingEnrollments(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[PendingEnrollment]
+    def __init__(self, requests: _Optional[_Iterable[_Union[PendingEnrollment, _Mapping]]] = ...) -> None: ...
+
+class EnrollmentOutcome(_message.Message):
+    __slots__ = ("request_id", "ca_pem", "cert_pem", "refusal_reason", "refusal_message")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CA_PEM_FIELD_NUMBER: _ClassVar[int]
+    CERT_PEM_FIELD_NUMBER: _ClassVar[int]
+    REFUSAL_REASON_FIELD_NUMBER: _ClassVar[int]
+    REFUSAL_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    ca_pem: bytes
+    cert_pem: bytes
+    refusal_reason: str
+    refusal_message: str
+    def __init__(self, request_id: _Optional[str] = ..., ca_pem: _Optional[bytes] = ..., cert_pem: _Optional[bytes] = ..., refusal_reason: _Optional[str] = ..., refusal_message: _Optional[str] = ...) -> None: ...
+
+class SiloCertificate(_message.Message):
+    __slots__ = ("silo", "serial")
+    SILO_FIELD_NUMBER: _ClassVar[int]
+    SERIAL_FIELD_NUMBER: _ClassVar[int]
+    silo: str
+    serial: str
+    def __init__(self, silo: _Optional[str] = ..., serial: _Optional[str] = ...) -> None: ...
+
+class EnrollmentSync(_message.Message):
+    __slots__ = ("outcomes", "certificates", "revoked")
+    OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATES_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_FIELD_NUMBER: _ClassVar[int]
+    outcomes: _containers.RepeatedCompositeFieldContainer[EnrollmentOutcome]
+    certificates: _containers.RepeatedCompositeFieldContainer[SiloCertificate]
+    revoked: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, outcomes: _Optional[_Iterable[_Union[EnrollmentOutcome, _Mapping]]] = ..., certificates: _Optional[_Iterable[_Union[SiloCertificate, _Mapping]]] = ..., revoked: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class JoinRequest(_message.Message):
     __slots__ = ("expected_silo", "worker_version")
     EXPECTED_SILO_FIELD_NUMBER: _ClassVar[int]

@@ -74,6 +74,21 @@ class FederatedTrainingStub:
                 request_serializer=fedjob_dot_v1_dot_fedjob__pb2.ProgressReport.SerializeToString,
                 response_deserializer=fedjob_dot_v1_dot_fedjob__pb2.ProgressReceipt.FromString,
                 _registered_method=True)
+        self.RenewCertificate = channel.unary_unary(
+                '/fedjob.v1.FederatedTraining/RenewCertificate',
+                request_serializer=fedjob_dot_v1_dot_fedjob__pb2.RenewRequest.SerializeToString,
+                response_deserializer=fedjob_dot_v1_dot_fedjob__pb2.EnrollReply.FromString,
+                _registered_method=True)
+        self.GetJob = channel.unary_unary(
+                '/fedjob.v1.FederatedTraining/GetJob',
+                request_serializer=fedjob_dot_v1_dot_fedjob__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=fedjob_dot_v1_dot_fedjob__pb2.JobDocument.FromString,
+                _registered_method=True)
+        self.SyncEnrollments = channel.unary_unary(
+                '/fedjob.v1.FederatedTraining/SyncEnrollments',
+                request_serializer=fedjob_dot_v1_dot_fedjob__pb2.EnrollmentSync.SerializeToString,
+                response_deserializer=fedjob_dot_v1_dot_fedjob__pb2.PendingEnrollments.FromString,
+                _registered_method=True)
 
 
 class FederatedTrainingServicer:
@@ -139,6 +154,31 @@ class FederatedTrainingServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RenewCertificate(self, request, context):
+        """A silo renews its certificate before it expires, calling with a valid one. Both stay valid
+        until the old one expires; a new enrollment (a new token) replaces every earlier one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJob(self, request, context):
+        """The job as the calling silo runs it: its own entry, the others' names only (an external
+        silo adds its own data and model path on its side).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SyncEnrollments(self, request, context):
+        """For the observer that holds the job CA's key (the operator, or `fedjob run`): hands back the
+        outcome of the requests it took, the current certificate of every external silo and the
+        revoked silos; returns the enrollment and renewal requests now waiting.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederatedTrainingServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -181,6 +221,21 @@ def add_FederatedTrainingServicer_to_server(servicer, server):
                     servicer.ReportProgress,
                     request_deserializer=fedjob_dot_v1_dot_fedjob__pb2.ProgressReport.FromString,
                     response_serializer=fedjob_dot_v1_dot_fedjob__pb2.ProgressReceipt.SerializeToString,
+            ),
+            'RenewCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewCertificate,
+                    request_deserializer=fedjob_dot_v1_dot_fedjob__pb2.RenewRequest.FromString,
+                    response_serializer=fedjob_dot_v1_dot_fedjob__pb2.EnrollReply.SerializeToString,
+            ),
+            'GetJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJob,
+                    request_deserializer=fedjob_dot_v1_dot_fedjob__pb2.GetJobRequest.FromString,
+                    response_serializer=fedjob_dot_v1_dot_fedjob__pb2.JobDocument.SerializeToString,
+            ),
+            'SyncEnrollments': grpc.unary_unary_rpc_method_handler(
+                    servicer.SyncEnrollments,
+                    request_deserializer=fedjob_dot_v1_dot_fedjob__pb2.EnrollmentSync.FromString,
+                    response_serializer=fedjob_dot_v1_dot_fedjob__pb2.PendingEnrollments.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -399,6 +454,171 @@ class FederatedTraining:
             '/fedjob.v1.FederatedTraining/ReportProgress',
             fedjob_dot_v1_dot_fedjob__pb2.ProgressReport.SerializeToString,
             fedjob_dot_v1_dot_fedjob__pb2.ProgressReceipt.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedjob.v1.FederatedTraining/RenewCertificate',
+            fedjob_dot_v1_dot_fedjob__pb2.RenewRequest.SerializeToString,
+            fedjob_dot_v1_dot_fedjob__pb2.EnrollReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedjob.v1.FederatedTraining/GetJob',
+            fedjob_dot_v1_dot_fedjob__pb2.GetJobRequest.SerializeToString,
+            fedjob_dot_v1_dot_fedjob__pb2.JobDocument.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SyncEnrollments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedjob.v1.FederatedTraining/SyncEnrollments',
+            fedjob_dot_v1_dot_fedjob__pb2.EnrollmentSync.SerializeToString,
+            fedjob_dot_v1_dot_fedjob__pb2.PendingEnrollments.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class EnrollmentStub:
+    """Outside mTLS, on the aggregator's enrollment port: how an external silo gets its first
+    certificate. No field is secret: the token's secret never travels (`proof` is an HMAC keyed
+    by it), and the silo accepts the reply only if the CA matches the hash it pinned
+    (fedjob/enrollment.py).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Enroll = channel.unary_unary(
+                '/fedjob.v1.Enrollment/Enroll',
+                request_serializer=fedjob_dot_v1_dot_fedjob__pb2.EnrollRequest.SerializeToString,
+                response_deserializer=fedjob_dot_v1_dot_fedjob__pb2.EnrollReply.FromString,
+                _registered_method=True)
+
+
+class EnrollmentServicer:
+    """Outside mTLS, on the aggregator's enrollment port: how an external silo gets its first
+    certificate. No field is secret: the token's secret never travels (`proof` is an HMAC keyed
+    by it), and the silo accepts the reply only if the CA matches the hash it pinned
+    (fedjob/enrollment.py).
+    """
+
+    def Enroll(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_EnrollmentServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Enroll': grpc.unary_unary_rpc_method_handler(
+                    servicer.Enroll,
+                    request_deserializer=fedjob_dot_v1_dot_fedjob__pb2.EnrollRequest.FromString,
+                    response_serializer=fedjob_dot_v1_dot_fedjob__pb2.EnrollReply.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'fedjob.v1.Enrollment', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('fedjob.v1.Enrollment', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Enrollment:
+    """Outside mTLS, on the aggregator's enrollment port: how an external silo gets its first
+    certificate. No field is secret: the token's secret never travels (`proof` is an HMAC keyed
+    by it), and the silo accepts the reply only if the CA matches the hash it pinned
+    (fedjob/enrollment.py).
+    """
+
+    @staticmethod
+    def Enroll(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedjob.v1.Enrollment/Enroll',
+            fedjob_dot_v1_dot_fedjob__pb2.EnrollRequest.SerializeToString,
+            fedjob_dot_v1_dot_fedjob__pb2.EnrollReply.FromString,
             options,
             channel_credentials,
             insecure,

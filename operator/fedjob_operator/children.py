@@ -175,7 +175,7 @@ def _data_volumes(
     if job.spec.model.path:
         wanted.append(("model", job.spec.model.path, job.spec.model.volume))
     if silo is not None:
-        data = job.silo(silo).data
+        data = job.silo_data(silo)
         wanted.append(("data", data.path, data.volume))
         if data.eval is not None:
             wanted.append(("held-out", data.eval.path, data.eval.volume))
