@@ -53,7 +53,8 @@ test-cluster-down:
 
 crds: $(STAMP)
 	$(VENV)/bin/fedjob crd --out crds/federatedjob.yaml
-	cp crds/federatedjob.yaml helm/fedjob/crds/federatedjob.yaml
+	$(VENV)/bin/fedjob crd --kind FederatedSilo --out crds/federatedsilo.yaml
+	cp crds/federatedjob.yaml crds/federatedsilo.yaml helm/fedjob/crds/
 
 bench: $(STAMP)
 	$(PY) bench/compression.py

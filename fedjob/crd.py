@@ -12,10 +12,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import BaseModel
+
+from fedjob.silo_spec import SILO_KIND, FederatedSilo
 from fedjob.spec import API_VERSION, KIND, FederatedJob
 
 GROUP, VERSION = API_VERSION.split("/")
 PLURAL = "federatedjobs"
+SILO_PLURAL = "federatedsilos"
 
 # Structural forms of cross-field rules, by model name.
 EXTRA_RULES: dict[str, dict[str, Any]] = {
@@ -78,8 +82,8 @@ def _structural(node: dict[str, Any], defs: dict[str, Any], name: str | None = N
     return out
 
 
-def openapi_schema() -> dict[str, Any]:
-    raw = FederatedJob.model_json_schema(by_alias=True)
+def openapi_schema(model: type[BaseModel] = FederatedJob) -> dict[str, Any]:
+    raw = model.model_json_schema(by_alias=True)
     defs = raw.get("$defs", {})
     spec = _structural(raw["properties"]["spec"], defs)
     name_rule = raw["$defs"]["ObjectMeta"]["properties"]["name"]
@@ -154,6 +158,50 @@ def crd_manifest() -> dict[str, Any]:
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                     ],
                     "schema": {"openAPIV3Schema": openapi_schema()},
+                }
+            ],
+        },
+    }
+
+
+def silo_crd_manifest() -> dict[str, Any]:
+    """FederatedSilo: an external silo's side, in its own cluster (fedjob/silo_spec.py)."""
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{SILO_PLURAL}.{GROUP}"},
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": SILO_KIND,
+                "plural": SILO_PLURAL,
+                "singular": "federatedsilo",
+                "shortNames": ["fs"],
+                "listKind": f"{SILO_KIND}List",
+                "categories": ["fedjob"],
+            },
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": [
+                        {"name": "Job", "type": "string", "jsonPath": ".spec.job"},
+                        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+                        {"name": "Round", "type": "string", "jsonPath": ".status.progress"},
+                        {"name": "State", "type": "string", "jsonPath": ".status.state"},
+                        {
+                            "name": "Certificate",
+                            "type": "string",
+                            "jsonPath": ".status.certificateExpires",
+                            "description": "until when this silo's certificate is valid",
+                            "priority": 1,
+                        },
+                        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                    ],
+                    "schema": {"openAPIV3Schema": openapi_schema(FederatedSilo)},
                 }
             ],
         },

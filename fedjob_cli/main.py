@@ -191,12 +191,14 @@ def cmd_example(args: argparse.Namespace) -> int:
 
 
 def cmd_crd(args: argparse.Namespace) -> int:
-    import yaml
+    from fedjob.crd import crd_manifest, silo_crd_manifest
 
-    from fedjob.crd import crd_manifest
-
-    text = "# Generated from fedjob/spec.py by `fedjob crd` (make crds). Do not edit.\n"
-    text += yaml.safe_dump(crd_manifest(), sort_keys=False)
+    if args.kind == "FederatedSilo":
+        text = "# Generated from fedjob/silo_spec.py by `make crds`. Do not edit.\n"
+        text += yaml.safe_dump(silo_crd_manifest(), sort_keys=False)
+    else:
+        text = "# Generated from fedjob/spec.py by `fedjob crd` (make crds). Do not edit.\n"
+        text += yaml.safe_dump(crd_manifest(), sort_keys=False)
     if args.out:
         Path(args.out).write_text(text)
     else:
@@ -368,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("crd", help="print the FederatedJob CustomResourceDefinition")
     s.add_argument("--out", help="write to this file instead of standard output")
+    s.add_argument("--kind", choices=["FederatedJob", "FederatedSilo"], default="FederatedJob")
     s.set_defaults(fn=cmd_crd)
 
     s = sub.add_parser("warmup", help="compile DeepSpeed's CPU ops into the cache")

@@ -104,9 +104,10 @@ def test_watch_namespaces_reach_the_operator(tools: Path) -> None:
 
 
 def test_the_chart_ships_the_generated_crd_and_the_operator_rbac() -> None:
-    assert yaml.safe_load((CHART / "crds" / "federatedjob.yaml").read_text()) == yaml.safe_load(
-        (REPO / "crds" / "federatedjob.yaml").read_text()
-    )
+    for crd in ("federatedjob.yaml", "federatedsilo.yaml"):
+        assert yaml.safe_load((CHART / "crds" / crd).read_text()) == yaml.safe_load(
+            (REPO / "crds" / crd).read_text()
+        )
     rbac = list(yaml.safe_load_all((REPO / "operator" / "rbac.yaml").read_text()))
     assert yaml.safe_load((CHART / "files" / "rbac-rules.yaml").read_text()) == rbac[1]["rules"]
 

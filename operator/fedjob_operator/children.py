@@ -19,6 +19,7 @@ from fedjob.spec import FederatedJob, ResourcesSpec, StorageSpec, VolumeSpec
 
 GRPC_PORT = 50051
 METRICS_PORT = 9090
+ENROLL_PORT = 50052  # opened only for a job with external silos
 JOB_MOUNT = "/etc/fedjob/job"
 TLS_MOUNT = "/etc/fedjob/tls"
 STATE_MOUNT = "/var/lib/fedjob"
@@ -288,11 +289,14 @@ def aggregator_deployment(
             str(GRPC_PORT),
             "--metrics-port",
             str(METRICS_PORT),
+            "--enrollment-port",
+            str(ENROLL_PORT),
         ],
         "env": [*_common_env(), {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
         "ports": [
             {"name": "grpc", "containerPort": GRPC_PORT},
             {"name": "metrics", "containerPort": METRICS_PORT},
+            {"name": "enroll", "containerPort": ENROLL_PORT},
         ],
         "readinessProbe": {"tcpSocket": {"port": GRPC_PORT}, "periodSeconds": 5},
         "terminationMessagePath": TERMINATION_LOG,
@@ -337,16 +341,33 @@ def aggregator_deployment(
 
 
 def aggregator_service(job: FederatedJob, namespace: str) -> dict[str, Any]:
+    """The aggregator's Service: mTLS gRPC, metrics, and (with external silos) the enrollment port.
+
+    External silos reach it from outside: type NodePort or LoadBalancer, or an Ingress/Gateway
+    route with TLS passthrough to `grpc` (mTLS must end at the aggregator) and a plain route to
+    `enroll` (docs/external-silos.md)."""
+    svc = job.spec.aggregator.service
+    grpc_port: dict[str, Any] = {"name": "grpc", "port": svc.port, "targetPort": "grpc"}
+    if svc.node_port:
+        grpc_port["nodePort"] = svc.node_port
+    ports = [grpc_port]
+    if job.external_silos():
+        enroll: dict[str, Any] = {"name": "enroll", "port": svc.enrollment_port, "targetPort": "enroll"}
+        if svc.enrollment_node_port:
+            enroll["nodePort"] = svc.enrollment_node_port
+        ports.append(enroll)
+    ports.append({"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics"})
+    meta = _meta(names(job.name)["aggregator"], namespace, labels(job.name, "aggregator"))
+    if svc.annotations:
+        meta["annotations"] = dict(svc.annotations)
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _meta(names(job.name)["aggregator"], namespace, labels(job.name, "aggregator")),
+        "metadata": meta,
         "spec": {
+            "type": svc.type,
             "selector": {"fedjob.io/job": job.name, "app.kubernetes.io/component": "aggregator"},
-            "ports": [
-                {"name": "grpc", "port": GRPC_PORT, "targetPort": "grpc"},
-                {"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics"},
-            ],
+            "ports": ports,
         },
     }
 
@@ -374,7 +395,7 @@ def silo_job(job: FederatedJob, silo: str, namespace: str, images: Images) -> di
             "--certs",
             TLS_MOUNT,
             "--aggregator",
-            f"{n['aggregator']}.{namespace}.svc:{GRPC_PORT}",
+            f"{n['aggregator']}.{namespace}.svc:{job.spec.aggregator.service.port}",
             "--server-name",
             n["aggregator"],
             *(["--state", STATE_MOUNT] if keeps_state else []),

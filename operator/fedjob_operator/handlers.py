@@ -120,10 +120,21 @@ def _reconcile(body: Any, patch: kopf.Patch) -> None:
     created = r.ensure_children(job, running=not suspended)
     if created:
         r.emit("Normal", "Created", f"created {', '.join(created)}")
+    # revokedSilos may change while the job runs: the live spec's list counts, not the accepted one.
+    revoked = list(body["spec"].get("revokedSilos", []))
+    assert r.ca is not None
+    answered = r.sync_enrollments(job, r.ca, revoked)
+    if answered:
+        r.emit("Normal", "Enrollment", f"answered {answered} enrollment or renewal request(s)")
     permanent = r.permanent_failures()
-    for silo in set(permanent) & set(job.silo_names()):
+    for silo in (set(permanent) | set(revoked)) & set(job.hosted_silos()):
         r.stop_retries(silo)
     status = status_from(job, r.aggregator_status(), r.silo_jobs(job), old, generation, suspended, permanent)
+    enrolled = r.enrollment_status(job)
+    for entry in status["silos"]:
+        entry.update(enrolled.get(entry["name"], {}))
+        if entry["name"] in revoked:
+            entry["revoked"] = True
     _announce(r, old, status)
     if status["phase"] in TERMINAL:
         r.scale_aggregator(0)

@@ -8,32 +8,36 @@ checkpoint lives on the aggregator's volume, the CA in a Secret.
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import hashlib
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from cryptography import x509
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from fedjob.enrollment import Authority, exchange
 from fedjob.errors import EXIT_PERMANENT
 from fedjob.spec import FederatedJob, SpecError, parse_job
-from fedjob.tls import Identity, KeyPair, aggregator_dns_names, create_ca, issue
+from fedjob.tls import Identity, KeyPair, aggregator_dns_names, ca_hash, create_ca, issue
 from fedjob.v1 import fedjob_pb2 as pb
 from fedjob.v1 import fedjob_pb2_grpc as pb_grpc
 from fedjob_operator import children
 from fedjob_operator.children import Images, names, silo_job_name, silo_tls_name
+from fedjob_operator.registry import SecretRegistry
 
 log = logging.getLogger("fedjob.operator")
 SPEC_HASH = "fedjob.io/spec-hash"
 # Fields that may change while a job runs; anything else would change what the
 # rounds already aggregated mean.
-MUTABLE_FIELDS = {"suspend"}
+MUTABLE_FIELDS = {"suspend", "revokedSilos"}
 
 Emit = Callable[[str, str, str], None]  # (type, reason, message) -> a Kubernetes Event
 
@@ -107,6 +111,7 @@ class JobReconciler:
         self.name: str = body["metadata"]["name"]
         self.owner = _owner(body)
         self.n = names(self.name)
+        self.ca: KeyPair | None = None  # the job CA, once ensure_children has run
 
     def parse(self) -> FederatedJob:
         doc = {k: self.body[k] for k in ("apiVersion", "kind", "spec")}
@@ -115,7 +120,7 @@ class JobReconciler:
 
     # ----- children ---------------------------------------------------------------------------------
 
-    def ensure_pki(self, job: FederatedJob) -> None:
+    def ensure_pki(self, job: FederatedJob) -> KeyPair:
         core = self.apis.core
         ca_secret = _read(core.read_namespaced_secret, self.n["ca"], self.ns)
         if ca_secret is None:
@@ -142,8 +147,10 @@ class JobReconciler:
             (self.n["aggregator_tls"], "aggregator", Identity(self.name, "aggregator", "aggregator"), None),
             (self.n["observer_tls"], "operator", Identity(self.name, "observer", "observer"), None),
         ]
+        # External silos make their own keys and enroll: nothing is issued for them here.
         wanted += [
-            (silo_tls_name(self.name, s), "silo", Identity(self.name, "silo", s), s) for s in job.silo_names()
+            (silo_tls_name(self.name, s), "silo", Identity(self.name, "silo", s), s)
+            for s in job.hosted_silos()
         ]
         for secret_name, component, ident, silo in wanted:
             if _read(core.read_namespaced_secret, secret_name, self.ns) is not None:
@@ -154,12 +161,17 @@ class JobReconciler:
                 secret_name, self.ns, self.name, component, pair.cert_pem, leaf.cert_pem, leaf.key_pem, silo
             )
             _create(core.create_namespaced_secret, self.ns, manifest, self.owner)
+        return pair
+
+    def registry(self) -> SecretRegistry:
+        return SecretRegistry(self.apis.core, self.ns, self.name, self.owner)
 
     def ensure_children(self, job: FederatedJob, running: bool) -> list[str]:
         """Create what is missing; scale/remove what `running` says. Returns the names created."""
         created = []
         core, apps, batch = self.apis.core, self.apis.apps, self.apis.batch
-        self.ensure_pki(job)
+        ca = self.ca = self.ensure_pki(job)
+        created += self.registry().ensure_tokens(job, ca_hash(ca.cert_pem))
         cm = children.config_map(job, self.ns)
         cm["metadata"]["annotations"] = {SPEC_HASH: spec_hash(self.body["spec"])}
         if _create(core.create_namespaced_config_map, self.ns, cm, self.owner):
@@ -180,7 +192,7 @@ class JobReconciler:
             created.append(f"Deployment/{self.n['aggregator']}")
         else:
             self.scale_aggregator(1 if running else 0)
-        for silo in job.silo_names():
+        for silo in job.hosted_silos():
             name = silo_job_name(self.name, silo)
             if children.silo_keeps_state(job) and _create(
                 core.create_namespaced_persistent_volume_claim,
@@ -216,8 +228,9 @@ class JobReconciler:
 
     # ----- observation ------------------------------------------------------------------------------
 
-    def aggregator_status(self) -> pb.JobStatus | None:
-        """Ask the aggregator over mTLS with the operator's observer certificate."""
+    @contextlib.contextmanager
+    def _observer(self) -> Iterator[pb_grpc.FederatedTrainingStub | None]:
+        """A stub for the running aggregator, over mTLS with the operator's observer certificate."""
         pods = self.apis.core.list_namespaced_pod(
             self.ns, label_selector=f"fedjob.io/job={self.name},app.kubernetes.io/component=aggregator"
         )
@@ -229,11 +242,10 @@ class JobReconciler:
             and p.status.phase == "Running"
             and not (p.metadata and p.metadata.deletion_timestamp)
         ]
-        if not ips:
-            return None
         secret = _read(self.apis.core.read_namespaced_secret, self.n["observer_tls"], self.ns)
-        if secret is None:
-            return None
+        if not ips or secret is None:
+            yield None
+            return
         creds = grpc.ssl_channel_credentials(
             _secret_bytes(secret, "ca.crt"),
             _secret_bytes(secret, "tls.key"),
@@ -245,14 +257,40 @@ class JobReconciler:
             creds,
             options=[("grpc.ssl_target_name_override", self.n["aggregator"])],
         ) as ch:
+            yield pb_grpc.FederatedTrainingStub(ch)
+
+    def aggregator_status(self) -> pb.JobStatus | None:
+        with self._observer() as stub:
+            if stub is None:
+                return None
             try:
-                status: pb.JobStatus = pb_grpc.FederatedTrainingStub(ch).GetStatus(
-                    pb.StatusRequest(), timeout=3
-                )
+                status: pb.JobStatus = stub.GetStatus(pb.StatusRequest(), timeout=3)
                 return status
             except grpc.RpcError as exc:
                 log.debug("aggregator of %s/%s not answering: %s", self.ns, self.name, exc.code())
                 return None
+
+    def sync_enrollments(self, job: FederatedJob, ca: KeyPair, revoked: list[str]) -> int:
+        """Answer the enrollment and renewal requests waiting at the aggregator, push the silos'
+        valid certificates and the revoked silos. Returns how many requests were answered."""
+        if not job.external_silos() and not revoked:
+            return 0
+        authority = Authority(
+            self.name,
+            ca,
+            self.registry(),
+            set(job.external_silos()),
+            set(revoked),
+            days=job.spec.enrollment.certificate_days,
+        )
+        with self._observer() as stub:
+            if stub is None:
+                return 0
+            try:
+                return exchange(authority, lambda m: stub.SyncEnrollments(m, timeout=5))
+            except grpc.RpcError as exc:
+                log.debug("aggregator of %s/%s not syncing: %s", self.ns, self.name, exc.code())
+                return 0
 
     def permanent_failures(self) -> dict[str, str]:
         """Components whose container exited with EXIT_PERMANENT: 'aggregator' or a silo -> its reason.
@@ -282,10 +320,23 @@ class JobReconciler:
             except ApiException as exc:  # the status must still say why; retries merely go on
                 log.warning("could not stop the retries of Job %s/%s: %s", self.ns, name, exc.reason)
 
+    def enrollment_status(self, job: FederatedJob) -> dict[str, dict[str, Any]]:
+        """Per external silo: whether it enrolled, and until when its newest certificate is valid."""
+        registry = self.registry()
+        out: dict[str, dict[str, Any]] = {}
+        for silo in job.external_silos():
+            certs = registry.certificates(silo)
+            if not certs:
+                out[silo] = {"enrolled": False}
+                continue
+            newest = max(x509.load_pem_x509_certificate(c).not_valid_after_utc for c in certs)
+            out[silo] = {"enrolled": True, "certificateExpires": newest.strftime("%Y-%m-%dT%H:%M:%SZ")}
+        return out
+
     def silo_jobs(self, job: FederatedJob) -> dict[str, str]:
         """Per silo: Pending, Active, Succeeded, Lost (retries exhausted) or Absent."""
-        out = {}
-        for silo in job.silo_names():
+        out = {silo: "External" for silo in job.external_silos()}
+        for silo in job.hosted_silos():
             j = _read(self.apis.batch.read_namespaced_job, silo_job_name(self.name, silo), self.ns)
             if j is None:
                 out[silo] = "Absent"
@@ -380,7 +431,9 @@ def status_from(
     lost = [s["name"] for s in silos if s["job"] == "Lost"]
     # Ready: the silo's pod runs and it has joined the aggregator.
     joined = ("joined", "waiting", "training", "uploading", "reported", "done")
-    ready = sum(1 for s in silos if s["job"] in ("Active", "Succeeded") and s.get("state") in joined)
+    ready = sum(
+        1 for s in silos if s["job"] in ("Active", "Succeeded", "External") and s.get("state") in joined
+    )
     phase = old.get("phase", "Pending")
     message = ""
     failure_reason = ""

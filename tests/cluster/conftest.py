@@ -63,8 +63,22 @@ def cluster() -> Iterator[Cluster]:
     kubectl = subprocess.run([str(script), "bin"], capture_output=True, text=True, check=True).stdout.strip()
     config.load_kube_config(str(STATE / "kubeconfig"))
     c = Cluster(STATE / "kubeconfig", STATE / "operator.kubeconfig", f"{kubectl}/kubectl")
-    c.run("apply", "-f", str(REPO / "crds" / "federatedjob.yaml"))
-    c.run("wait", "--for", "condition=Established", "crd/federatedjobs.fedjob.io", "--timeout", "60s")
+    c.run(
+        "apply",
+        "-f",
+        str(REPO / "crds" / "federatedjob.yaml"),
+        "-f",
+        str(REPO / "crds" / "federatedsilo.yaml"),
+    )
+    c.run(
+        "wait",
+        "--for",
+        "condition=Established",
+        "crd/federatedjobs.fedjob.io",
+        "crd/federatedsilos.fedjob.io",
+        "--timeout",
+        "60s",
+    )
     shutil.rmtree(STATE / "kubectl-cache", ignore_errors=True)  # discovered before the CRD existed
     # The operator runs with exactly the RBAC of operator/rbac.yaml, as its ServiceAccount would.
     c.run("create", "namespace", "fedjob", check=False)
