@@ -127,8 +127,19 @@ def job_for_silo(owner_doc: dict[str, Any], silo: FederatedSilo) -> FederatedJob
                 f"{s.silo!r}, not {s.processes} (its evaluation and weights are checked against it)"
             )
         own = {k: v for k, v in entry.items() if k not in ("external", "data")}
-        own["data"] = s.data.model_dump(mode="json", by_alias=True, exclude_none=True)
-        own["resources"] = s.resources.model_dump(mode="json", by_alias=True, exclude_none=True)
+        # Where and how it runs is the silo's business: its side's values, not the owner's.
+        dumped = s.model_dump(mode="json", by_alias=True, exclude_none=True)
+        for key in (
+            "data",
+            "resources",
+            "storage",
+            "nodeSelector",
+            "tolerations",
+            "affinity",
+            "backoffLimit",
+        ):
+            if key in dumped:
+                own[key] = dumped[key]
         entries.append(own)
     if len(entries) == len(spec["silos"]) and not any(e["name"] == s.silo for e in spec["silos"]):
         problems.append(f"spec.silo: job {s.job!r} has no silo {s.silo!r}")
@@ -141,6 +152,9 @@ def job_for_silo(owner_doc: dict[str, Any], silo: FederatedSilo) -> FederatedJob
             )
         else:
             model["path"] = s.model.path
+        model.pop("volume", None)
+        if s.model.volume is not None:
+            model["volume"] = s.model.volume.model_dump(mode="json", by_alias=True, exclude_none=True)
     spec["model"] = model
     if problems:
         raise SpecError(f"FederatedSilo {silo.metadata.name}", tuple(problems))

@@ -275,8 +275,15 @@ class FederatedTrainingServicer(pb_grpc.FederatedTrainingServicer):
 
     def GetStatus(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.JobStatus:
         ident = self._identity(context)
+        if ident.role == "silo":
+            self._silo(context)  # refused when revoked or superseded, like every other call
         with self._admitted(context, f"{ident.role}/{ident.name}", "status"):
-            return self.coord.status()
+            status = self.coord.status()
+        if ident.role == "silo":  # a silo (maybe another organisation's) sees itself, not the others
+            own = [s for s in status.silos if s.name == ident.name]
+            del status.silos[:]
+            status.silos.extend(own)
+        return status
 
 
 # How the owner's refusals reach the silo: a token or identity problem is PERMISSION_DENIED, a

@@ -139,10 +139,10 @@ def _tls_volume(secret: str, who: str) -> dict[str, Any]:
     }
 
 
-def _shared_volumes(job: str, tls_secret: str, who: str) -> list[dict[str, Any]]:
+def _shared_volumes(job: str, tls_secret: str, who: str, config: str | None = None) -> list[dict[str, Any]]:
     """What every pod of a job mounts: the job document, its own certificate, a writable /tmp."""
     return [
-        {"name": "job", "configMap": {"name": names(job)["config"]}},
+        {"name": "job", "configMap": {"name": config or names(job)["config"]}},
         _tls_volume(tls_secret, who),
         {"name": "tmp", "emptyDir": {}},
     ]
@@ -372,9 +372,34 @@ def aggregator_service(job: FederatedJob, namespace: str) -> dict[str, Any]:
     }
 
 
-def silo_job(job: FederatedJob, silo: str, namespace: str, images: Images) -> dict[str, Any]:
+@dataclass(frozen=True)
+class SiloPlacement:
+    """Where a silo's worker finds the aggregator, its certificate and its job document: by default
+    the owner's cluster; an external silo's FederatedSilo names its own (silo_side.py)."""
+
+    job_name: str
+    tls_secret: str
+    config: str
+    aggregator: str
+    server_name: str
+
+    @classmethod
+    def hosted(cls, job: FederatedJob, silo: str, namespace: str) -> SiloPlacement:
+        n = names(job.name)
+        return cls(
+            silo_job_name(job.name, silo),
+            silo_tls_name(job.name, silo),
+            n["config"],
+            f"{n['aggregator']}.{namespace}.svc:{job.spec.aggregator.service.port}",
+            n["aggregator"],
+        )
+
+
+def silo_job(
+    job: FederatedJob, silo: str, namespace: str, images: Images, placement: SiloPlacement | None = None
+) -> dict[str, Any]:
     s = job.silo(silo)
-    n = names(job.name)
+    at = placement or SiloPlacement.hosted(job, silo, namespace)
     lbl = labels(job.name, "silo", silo)
     volumes, mounts = _data_volumes(job, silo, with_eval=False)
     keeps_state = silo_keeps_state(job)
@@ -395,9 +420,9 @@ def silo_job(job: FederatedJob, silo: str, namespace: str, images: Images) -> di
             "--certs",
             TLS_MOUNT,
             "--aggregator",
-            f"{n['aggregator']}.{namespace}.svc:{job.spec.aggregator.service.port}",
+            at.aggregator,
             "--server-name",
-            n["aggregator"],
+            at.server_name,
             *(["--state", STATE_MOUNT] if keeps_state else []),
         ],
         "env": [*_common_env(), *_threads_env(s.resources, "worker")],
@@ -418,7 +443,7 @@ def silo_job(job: FederatedJob, silo: str, namespace: str, images: Images) -> di
         "automountServiceAccountToken": False,
         "containers": [container],
         "volumes": [
-            *_shared_volumes(job.name, silo_tls_name(job.name, silo), f"silo-{silo}"),
+            *_shared_volumes(job.name, at.tls_secret, f"silo-{silo}", at.config),
             {"name": "shm", "emptyDir": {"medium": "Memory"}},
             *volumes,
         ],
@@ -432,7 +457,7 @@ def silo_job(job: FederatedJob, silo: str, namespace: str, images: Images) -> di
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": _meta(silo_job_name(job.name, silo), namespace, lbl),
+        "metadata": _meta(at.job_name, namespace, lbl),
         "spec": {
             "backoffLimit": s.backoff_limit,
             "completions": 1,

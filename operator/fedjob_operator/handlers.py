@@ -11,10 +11,11 @@ import yaml
 from kubernetes import config
 from prometheus_client import Counter, Gauge, Histogram
 
-from fedjob.crd import GROUP, PLURAL, VERSION
+from fedjob.crd import GROUP, PLURAL, SILO_PLURAL, VERSION
 from fedjob.spec import FederatedJob, SpecError, parse_job
 from fedjob_operator.children import Images
 from fedjob_operator.reconcile import Apis, JobReconciler, invalid_status, spec_hash, status_from
+from fedjob_operator.silo_side import SiloReconciler, reconcile_silo
 
 log = logging.getLogger("fedjob.operator")
 TERMINAL = ("Succeeded", "Failed")
@@ -191,3 +192,30 @@ def sync(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
 def forget(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
     if event.get("type") == "DELETED":
         _record_phase(body["metadata"]["namespace"], body["metadata"]["name"], None)
+
+
+# ----- FederatedSilo: an external silo's side, in its own cluster ---------------------------------------
+
+
+def reconcile_federated_silo(body: Any, patch: kopf.Patch) -> None:
+    body = dict(body)
+    old: dict[str, Any] = dict(body.get("status") or {})
+    status = reconcile_silo(SiloReconciler(apis(), Images(), body, _emit(body)), old)
+    if status != old:
+        if status.get("phase") != old.get("phase"):
+            kind = "Warning" if status["phase"] == "Failed" else "Normal"
+            kopf.event(
+                body, type=kind, reason=status["phase"], message=status.get("message", "") or status["phase"]
+            )
+        patch.status.update(status)
+
+
+@kopf.on.create(GROUP, VERSION, SILO_PLURAL)
+@kopf.on.resume(GROUP, VERSION, SILO_PLURAL)
+def on_silo(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    reconcile_federated_silo(body, patch)
+
+
+@kopf.timer(GROUP, VERSION, SILO_PLURAL, interval=SYNC_SECONDS, initial_delay=SYNC_SECONDS)
+def sync_silo(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    reconcile_federated_silo(body, patch)
