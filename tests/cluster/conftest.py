@@ -31,6 +31,7 @@ class Cluster:
     kubeconfig: Path
     operator_kubeconfig: Path
     kubectl: str
+    state: Path = STATE
 
     def run(
         self, *args: str, check: bool = True, kubeconfig: Path | None = None
@@ -42,7 +43,7 @@ class Cluster:
                 "--kubeconfig",
                 str(kubeconfig or self.kubeconfig),
                 "--cache-dir",
-                str(STATE / "kubectl-cache"),
+                str(self.state / "kubectl-cache"),
                 *args,
             ],
             capture_output=True,
@@ -54,37 +55,40 @@ class Cluster:
         return proc
 
 
-@pytest.fixture(scope="session")
-def cluster() -> Iterator[Cluster]:
+def start_cluster(state: Path) -> Cluster:
+    """A control plane from hack/test-cluster.sh in `state`, with both CRDs, the operator's RBAC and
+    its namespace."""
     script = REPO / "hack" / "test-cluster.sh"
-    started = subprocess.run([str(script), "up"], capture_output=True, text=True, timeout=1800)
+    env = {**os.environ, "TEST_CLUSTER_DIR": str(state)}
+    started = subprocess.run([str(script), "up"], capture_output=True, text=True, timeout=1800, env=env)
     if started.returncode != 0:
         raise RuntimeError(f"test cluster did not start:\n{started.stderr}")
-    kubectl = subprocess.run([str(script), "bin"], capture_output=True, text=True, check=True).stdout.strip()
-    config.load_kube_config(str(STATE / "kubeconfig"))
-    c = Cluster(STATE / "kubeconfig", STATE / "operator.kubeconfig", f"{kubectl}/kubectl")
-    c.run(
-        "apply",
-        "-f",
-        str(REPO / "crds" / "federatedjob.yaml"),
-        "-f",
-        str(REPO / "crds" / "federatedsilo.yaml"),
+    kubectl = subprocess.run([str(script), "bin"], capture_output=True, text=True, check=True, env=env)
+    c = Cluster(
+        state / "kubeconfig", state / "operator.kubeconfig", f"{kubectl.stdout.strip()}/kubectl", state
     )
-    c.run(
-        "wait",
-        "--for",
-        "condition=Established",
-        "crd/federatedjobs.fedjob.io",
-        "crd/federatedsilos.fedjob.io",
-        "--timeout",
-        "60s",
-    )
-    shutil.rmtree(STATE / "kubectl-cache", ignore_errors=True)  # discovered before the CRD existed
+    crds = REPO / "crds"
+    c.run("apply", "-f", str(crds / "federatedjob.yaml"), "-f", str(crds / "federatedsilo.yaml"))
+    c.run("wait", "--for", "condition=Established", "crd/federatedjobs.fedjob.io", "--timeout", "60s")
+    c.run("wait", "--for", "condition=Established", "crd/federatedsilos.fedjob.io", "--timeout", "60s")
+    shutil.rmtree(state / "kubectl-cache", ignore_errors=True)  # discovered before the CRDs existed
     # The operator runs with exactly the RBAC of operator/rbac.yaml, as its ServiceAccount would.
     c.run("create", "namespace", "fedjob", check=False)
     c.run("apply", "-f", str(REPO / "operator" / "rbac.yaml"))
+    return c
+
+
+def stop_cluster(state: Path) -> None:
+    env = {**os.environ, "TEST_CLUSTER_DIR": str(state)}
+    subprocess.run([str(REPO / "hack" / "test-cluster.sh"), "down"], capture_output=True, timeout=60, env=env)
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[Cluster]:
+    c = start_cluster(STATE)
+    config.load_kube_config(str(c.kubeconfig))
     yield c
-    subprocess.run([str(script), "down"], capture_output=True, timeout=60)
+    stop_cluster(STATE)
 
 
 @pytest.fixture

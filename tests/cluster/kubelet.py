@@ -14,7 +14,8 @@ node, as faithfully as the machine allows:
   emptyDir, a per-claim folder for PVCs, hostPath as is) and bind-mounted at
   its `mountPath` in a private mount namespace (`unshare -m`), read-only where
   the mount says so, with a read-only root filesystem when the container asks;
-- each Pod gets its own loopback address (127.0.0.N) as its Pod IP, and
+- each Pod gets its own loopback address (127.0.0.N, or another range for a second
+  cluster's node) as its Pod IP, and
   Service names in the arguments resolve to the address of a Pod the Service
   selects (the Pod starts once such a Pod exists, as DNS + endpoints would);
 - Pod phase, IP, readiness (tcpSocket probes are really checked), restarts and
@@ -102,8 +103,16 @@ class RunningPod:
 
 
 class FakeKubelet:
-    def __init__(self, core: client.CoreV1Api, namespace: str, workdir: Path, venv_bin: Path) -> None:
+    def __init__(
+        self,
+        core: client.CoreV1Api,
+        namespace: str,
+        workdir: Path,
+        venv_bin: Path,
+        ip_prefix: str = "127.0.0.",
+    ) -> None:
         check_mount_namespaces()
+        self.ip_prefix = ip_prefix  # another node (a second cluster's) takes another range
         self.core = core
         self.ns = namespace
         self.workdir = workdir
@@ -185,7 +194,7 @@ class FakeKubelet:
 
     def _ip_for(self, uid: str) -> str:
         if uid not in self.ips:
-            self.ips[uid] = f"127.0.0.{self._next_ip}"
+            self.ips[uid] = f"{self.ip_prefix}{self._next_ip}"
             self._next_ip += 1
         return self.ips[uid]
 
