@@ -46,14 +46,32 @@ def _failed(exc: grpc.RpcError, where: str) -> EnrollmentFailed:
 def enroll(
     address: str, job: str, silo: str, token: BootstrapToken, pin: str, key: ec.EllipticCurvePrivateKey
 ) -> Issued:
-    """Ask the enrollment port to certify `key`; accept the reply only from the pinned CA."""
+    """Ask the enrollment port to certify `key`; accept the reply only from the pinned CA.
+
+    The CA is checked first: a silo with a wrong pin (or facing another server) sends nothing,
+    and its token stays unused."""
     req = request(token, job, silo, key)
     message = pb.EnrollRequest(
         job=job, silo=silo, token_id=req.token_id, proof=req.proof, csr_pem=req.csr_pem
     )
     with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.EnrollmentStub(channel)
         try:
-            reply = pb_grpc.EnrollmentStub(channel).Enroll(message, timeout=CALL_SECONDS)
+            found = stub.Discover(pb.DiscoverRequest(job=job), timeout=CALL_SECONDS)
+            try:
+                got = ca_hash(found.ca_pem)
+            except ValueError as exc:
+                raise EnrollmentFailed(
+                    "bad_reply", f"the enrollment port sent no valid CA: {exc}", True
+                ) from None
+            if got != pin:
+                raise EnrollmentFailed(
+                    "ca_mismatch",
+                    f"the aggregator at {address} presents CA {got}, not the pinned {pin}: not the job's "
+                    "owner, or a wrong pin; nothing was sent",
+                    permanent=True,
+                )
+            reply = stub.Enroll(message, timeout=CALL_SECONDS)
         except grpc.RpcError as exc:
             raise _failed(exc, f"the enrollment port {address}") from None
     try:

@@ -274,7 +274,7 @@ def federation(tmp_path: Path, owner_running: bool = True) -> Iterator[Federatio
     desk = EnrollmentDesk(tmp_path / "work" / "certificates.json", job.external_silos())
     servicer = FederatedTrainingServicer(job, coord, metrics, desk=desk)
     server, port, _ = build_server(job, servicer, certs, "127.0.0.1", 0)
-    enrollment, enrollment_port = build_enrollment_server(job, desk, "127.0.0.1", 0)
+    enrollment, enrollment_port = build_enrollment_server(job, desk, ca.cert_pem, "127.0.0.1", 0)
     server.start()
     enrollment.start()
     fed = Federation(certs, authority, f"127.0.0.1:{port}", f"127.0.0.1:{enrollment_port}", desk)
@@ -349,11 +349,14 @@ def test_a_refused_enrollment_says_why_over_the_wire(
         assert fed.authority.valid_serials() == before
 
 
-def test_a_silo_with_the_wrong_pin_trusts_nothing_it_was_sent(tmp_path: Path) -> None:
+def test_a_silo_with_the_wrong_pin_sends_nothing_and_its_token_stays_usable(tmp_path: Path) -> None:
     with federation(tmp_path) as fed:
+        token = token_for(fed.authority)
         with pytest.raises(EnrollmentFailed) as failed:
-            _enroll(fed, token_for(fed.authority), pin=ca_hash(create_ca(JOB).cert_pem))
+            _enroll(fed, token, pin=ca_hash(create_ca(JOB).cert_pem))
         assert failed.value.reason == "ca_mismatch" and failed.value.permanent
+        assert "nothing was sent" in failed.value.message
+        _enroll(fed, token)  # with the right pin, the same token still enrolls
 
 
 def test_without_an_owner_to_answer_enrollment_is_unavailable(

@@ -316,9 +316,18 @@ def answer(
 class EnrollmentServicer(pb_grpc.EnrollmentServicer):
     """The enrollment port's one call. It runs without TLS: nothing in it is secret (enrollment.py)."""
 
-    def __init__(self, job: FederatedJob, desk: EnrollmentDesk) -> None:
+    def __init__(self, job: FederatedJob, desk: EnrollmentDesk, ca_pem: bytes) -> None:
         self.job = job
         self.desk = desk
+        self.ca_pem = ca_pem
+
+    def Discover(self, request: pb.DiscoverRequest, context: grpc.ServicerContext) -> pb.DiscoverReply:
+        if request.job != self.job.name:
+            context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"wrong_job: this aggregator serves job {self.job.name!r}, not {request.job!r}",
+            )
+        return pb.DiscoverReply(ca_pem=self.ca_pem)
 
     def Enroll(self, request: pb.EnrollRequest, context: grpc.ServicerContext) -> pb.EnrollReply:
         if request.job != self.job.name:

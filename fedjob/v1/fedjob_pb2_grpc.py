@@ -559,6 +559,11 @@ class EnrollmentStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.Discover = channel.unary_unary(
+                '/fedjob.v1.Enrollment/Discover',
+                request_serializer=fedjob_dot_v1_dot_fedjob__pb2.DiscoverRequest.SerializeToString,
+                response_deserializer=fedjob_dot_v1_dot_fedjob__pb2.DiscoverReply.FromString,
+                _registered_method=True)
         self.Enroll = channel.unary_unary(
                 '/fedjob.v1.Enrollment/Enroll',
                 request_serializer=fedjob_dot_v1_dot_fedjob__pb2.EnrollRequest.SerializeToString,
@@ -573,6 +578,13 @@ class EnrollmentServicer:
     (fedjob/enrollment.py).
     """
 
+    def Discover(self, request, context):
+        """The job CA's certificate: the silo checks it against its pin before it sends anything.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Enroll(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -582,6 +594,11 @@ class EnrollmentServicer:
 
 def add_EnrollmentServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'Discover': grpc.unary_unary_rpc_method_handler(
+                    servicer.Discover,
+                    request_deserializer=fedjob_dot_v1_dot_fedjob__pb2.DiscoverRequest.FromString,
+                    response_serializer=fedjob_dot_v1_dot_fedjob__pb2.DiscoverReply.SerializeToString,
+            ),
             'Enroll': grpc.unary_unary_rpc_method_handler(
                     servicer.Enroll,
                     request_deserializer=fedjob_dot_v1_dot_fedjob__pb2.EnrollRequest.FromString,
@@ -601,6 +618,33 @@ class Enrollment:
     by it), and the silo accepts the reply only if the CA matches the hash it pinned
     (fedjob/enrollment.py).
     """
+
+    @staticmethod
+    def Discover(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedjob.v1.Enrollment/Discover',
+            fedjob_dot_v1_dot_fedjob__pb2.DiscoverRequest.SerializeToString,
+            fedjob_dot_v1_dot_fedjob__pb2.DiscoverReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def Enroll(request,

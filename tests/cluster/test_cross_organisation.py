@@ -127,6 +127,20 @@ def test_a_silo_in_its_own_cluster_enrolls_and_trains_and_its_key_stays_there(
         core_b.create_namespaced_secret(
             ns_b, {"metadata": {"name": "fed-token"}, "stringData": {"token": data["token"]}}
         )
+
+        def silo_status(name: str) -> dict[str, Any]:
+            obj = custom_b.get_namespaced_custom_object(GROUP, VERSION, ns_b, "federatedsilos", name)
+            return dict(obj.get("status") or {})
+
+        # First a silo admin with a wrong pin: refused before sending anything; the token survives.
+        wrong = federated_silo("impostor", pod_ip, "sha256:" + "0" * 64, "fed-token")
+        custom_b.create_namespaced_custom_object(GROUP, VERSION, ns_b, "federatedsilos", wrong)
+        impostor = wait_for(
+            lambda: (lambda s: s if s.get("phase") == "Failed" else None)(silo_status("impostor")),
+            60,
+            "the wrongly pinned FederatedSilo to fail",
+        )
+        assert "ca_mismatch" in impostor["message"] and "nothing was sent" in impostor["message"], impostor
         custom_b.create_namespaced_custom_object(
             GROUP,
             VERSION,
@@ -134,13 +148,6 @@ def test_a_silo_in_its_own_cluster_enrolls_and_trains_and_its_key_stays_there(
             "federatedsilos",
             federated_silo("hospital", pod_ip, data["ca-hash"], "fed-token"),
         )
-        # A second silo admin with a wrong pin is refused before it trusts anything.
-        wrong = federated_silo("impostor", pod_ip, "sha256:" + "0" * 64, "fed-token")
-        custom_b.create_namespaced_custom_object(GROUP, VERSION, ns_b, "federatedsilos", wrong)
-
-        def silo_status(name: str) -> dict[str, Any]:
-            obj = custom_b.get_namespaced_custom_object(GROUP, VERSION, ns_b, "federatedsilos", name)
-            return dict(obj.get("status") or {})
 
         status = wait_for(
             lambda: (lambda s: s if s.get("phase") in ("Succeeded", "Failed") else None)(
@@ -160,8 +167,6 @@ def test_a_silo_in_its_own_cluster_enrolls_and_trains_and_its_key_stays_there(
             "the FederatedSilo to succeed",
         )
         assert silo["enrolled"] and silo["certificateExpires"] and silo["progress"] == "2/2"
-        impostor = silo_status("impostor")
-        assert impostor["phase"] == "Failed" and "ca_mismatch" in impostor["message"], impostor
         # The silo's key is in its own cluster's Secret, and in no Secret of the owner's.
         key = base64.b64decode(core_b.read_namespaced_secret("hospital-silo-tls", ns_b).data["tls.key"])
         assert b"PRIVATE KEY" in key
