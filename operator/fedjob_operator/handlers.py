@@ -14,7 +14,8 @@ from prometheus_client import Counter, Gauge, Histogram
 from fedjob.crd import GROUP, PLURAL, SILO_PLURAL, VERSION
 from fedjob.spec import FederatedJob, SpecError, parse_job
 from fedjob_operator.children import Images
-from fedjob_operator.reconcile import Apis, JobReconciler, invalid_status, spec_hash, status_from
+from fedjob_operator.kube import Apis
+from fedjob_operator.reconcile import JobReconciler, invalid_status, spec_hash, status_from
 from fedjob_operator.silo_side import SiloReconciler, reconcile_silo
 
 log = logging.getLogger("fedjob.operator")

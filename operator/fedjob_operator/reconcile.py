@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import datetime as dt
 import hashlib
 import json
 import logging
 import math
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
 from cryptography import x509
-from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from fedjob.enrollment import Authority, exchange
@@ -31,6 +28,16 @@ from fedjob.v1 import fedjob_pb2 as pb
 from fedjob.v1 import fedjob_pb2_grpc as pb_grpc
 from fedjob_operator import children
 from fedjob_operator.children import Images, names, silo_job_name, silo_tls_name
+from fedjob_operator.kube import (
+    Apis,
+    Emit,
+    condition,
+    create_owned,
+    merge_conditions,
+    now,
+    owner_reference,
+    read_or_none,
+)
 from fedjob_operator.registry import SecretRegistry
 
 log = logging.getLogger("fedjob.operator")
@@ -39,62 +46,10 @@ SPEC_HASH = "fedjob.io/spec-hash"
 # rounds already aggregated mean.
 MUTABLE_FIELDS = {"suspend", "revokedSilos"}
 
-Emit = Callable[[str, str, str], None]  # (type, reason, message) -> a Kubernetes Event
-
-
-def now() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
 
 def spec_hash(spec: dict[str, Any]) -> str:
     frozen = {k: v for k, v in spec.items() if k not in MUTABLE_FIELDS}
     return hashlib.sha256(json.dumps(frozen, sort_keys=True).encode()).hexdigest()[:16]
-
-
-@dataclass
-class Apis:
-    core: client.CoreV1Api
-    apps: client.AppsV1Api
-    batch: client.BatchV1Api
-
-    @classmethod
-    def default(cls) -> Apis:
-        return cls(client.CoreV1Api(), client.AppsV1Api(), client.BatchV1Api())
-
-
-def _owner(body: dict[str, Any]) -> dict[str, Any]:
-    m = body["metadata"]
-    return {
-        "apiVersion": body["apiVersion"],
-        "kind": body["kind"],
-        "name": m["name"],
-        "uid": m["uid"],
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
-
-
-def _create(
-    create: Callable[..., Any], namespace: str, manifest: dict[str, Any], owner: dict[str, Any]
-) -> bool:
-    """Create unless it exists. Returns True when this call created it."""
-    manifest["metadata"]["ownerReferences"] = [owner]
-    try:
-        create(namespace, manifest)
-        return True
-    except ApiException as exc:
-        if exc.status == 409:
-            return False
-        raise
-
-
-def _read(read: Callable[..., Any], name: str, namespace: str) -> Any | None:
-    try:
-        return read(name, namespace)
-    except ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise
 
 
 def _secret_bytes(secret: Any, key: str) -> bytes:
@@ -109,7 +64,7 @@ class JobReconciler:
         self.emit = emit
         self.ns: str = body["metadata"]["namespace"]
         self.name: str = body["metadata"]["name"]
-        self.owner = _owner(body)
+        self.owner = owner_reference(body)
         self.n = names(self.name)
         self.ca: KeyPair | None = None  # the job CA, once ensure_children has run
 
@@ -122,7 +77,7 @@ class JobReconciler:
 
     def ensure_pki(self, job: FederatedJob) -> KeyPair:
         core = self.apis.core
-        ca_secret = _read(core.read_namespaced_secret, self.n["ca"], self.ns)
+        ca_secret = read_or_none(core.read_namespaced_secret, self.n["ca"], self.ns)
         if ca_secret is None:
             pair = create_ca(f"{self.ns}/{self.name}")
             manifest = {
@@ -139,7 +94,7 @@ class JobReconciler:
                     "ca.key": base64.b64encode(pair.key_pem).decode(),
                 },
             }
-            if not _create(core.create_namespaced_secret, self.ns, manifest, self.owner):
+            if not create_owned(core.create_namespaced_secret, self.ns, manifest, self.owner):
                 ca_secret = core.read_namespaced_secret(self.n["ca"], self.ns)  # a racing create won
         if ca_secret is not None:
             pair = KeyPair(_secret_bytes(ca_secret, "ca.crt"), _secret_bytes(ca_secret, "ca.key"))
@@ -153,14 +108,14 @@ class JobReconciler:
             for s in job.hosted_silos()
         ]
         for secret_name, component, ident, silo in wanted:
-            if _read(core.read_namespaced_secret, secret_name, self.ns) is not None:
+            if read_or_none(core.read_namespaced_secret, secret_name, self.ns) is not None:
                 continue
             dns = aggregator_dns_names(self.name, self.ns) if ident.role == "aggregator" else ()
             leaf = issue(pair, ident, dns)
             manifest = children.tls_secret(
                 secret_name, self.ns, self.name, component, pair.cert_pem, leaf.cert_pem, leaf.key_pem, silo
             )
-            _create(core.create_namespaced_secret, self.ns, manifest, self.owner)
+            create_owned(core.create_namespaced_secret, self.ns, manifest, self.owner)
         return pair
 
     def registry(self) -> SecretRegistry:
@@ -174,27 +129,27 @@ class JobReconciler:
         created += self.registry().ensure_tokens(job, ca_hash(ca.cert_pem))
         cm = children.config_map(job, self.ns)
         cm["metadata"]["annotations"] = {SPEC_HASH: spec_hash(self.body["spec"])}
-        if _create(core.create_namespaced_config_map, self.ns, cm, self.owner):
+        if create_owned(core.create_namespaced_config_map, self.ns, cm, self.owner):
             created.append(f"ConfigMap/{self.n['config']}")
-        if _create(
+        if create_owned(
             core.create_namespaced_persistent_volume_claim,
             self.ns,
             children.state_pvc(job, self.ns),
             self.owner,
         ):
             created.append(f"PersistentVolumeClaim/{self.n['state']}")
-        if _create(
+        if create_owned(
             core.create_namespaced_service, self.ns, children.aggregator_service(job, self.ns), self.owner
         ):
             created.append(f"Service/{self.n['aggregator']}")
         deployment = children.aggregator_deployment(job, self.ns, self.images, replicas=1 if running else 0)
-        if _create(apps.create_namespaced_deployment, self.ns, deployment, self.owner):
+        if create_owned(apps.create_namespaced_deployment, self.ns, deployment, self.owner):
             created.append(f"Deployment/{self.n['aggregator']}")
         else:
             self.scale_aggregator(1 if running else 0)
         for silo in job.hosted_silos():
             name = silo_job_name(self.name, silo)
-            if children.silo_keeps_state(job) and _create(
+            if children.silo_keeps_state(job) and create_owned(
                 core.create_namespaced_persistent_volume_claim,
                 self.ns,
                 children.silo_state_pvc(job, silo, self.ns),
@@ -202,26 +157,26 @@ class JobReconciler:
             ):
                 created.append(f"PersistentVolumeClaim/{children.silo_state_name(self.name, silo)}")
             if running:
-                if _create(
+                if create_owned(
                     batch.create_namespaced_job,
                     self.ns,
                     children.silo_job(job, silo, self.ns, self.images),
                     self.owner,
                 ):
                     created.append(f"Job/{name}")
-            elif _read(batch.read_namespaced_job, name, self.ns) is not None:
+            elif read_or_none(batch.read_namespaced_job, name, self.ns) is not None:
                 batch.delete_namespaced_job(name, self.ns, propagation_policy="Background")
         return created
 
     def scale_aggregator(self, replicas: int) -> None:
-        current = _read(self.apis.apps.read_namespaced_deployment, self.n["aggregator"], self.ns)
+        current = read_or_none(self.apis.apps.read_namespaced_deployment, self.n["aggregator"], self.ns)
         if current is not None and current.spec.replicas != replicas:
             self.apis.apps.patch_namespaced_deployment(
                 self.n["aggregator"], self.ns, {"spec": {"replicas": replicas}}
             )
 
     def accepted_hash(self) -> str | None:
-        cm = _read(self.apis.core.read_namespaced_config_map, self.n["config"], self.ns)
+        cm = read_or_none(self.apis.core.read_namespaced_config_map, self.n["config"], self.ns)
         if cm is None:
             return None
         return str((cm.metadata.annotations or {}).get(SPEC_HASH)) or None
@@ -242,7 +197,7 @@ class JobReconciler:
             and p.status.phase == "Running"
             and not (p.metadata and p.metadata.deletion_timestamp)
         ]
-        secret = _read(self.apis.core.read_namespaced_secret, self.n["observer_tls"], self.ns)
+        secret = read_or_none(self.apis.core.read_namespaced_secret, self.n["observer_tls"], self.ns)
         if not ips or secret is None:
             yield None
             return
@@ -313,7 +268,7 @@ class JobReconciler:
     def stop_retries(self, silo: str) -> None:
         """No more pods for a silo that cannot run: a Job with parallelism 0 starts none."""
         name = silo_job_name(self.name, silo)
-        job = _read(self.apis.batch.read_namespaced_job, name, self.ns)
+        job = read_or_none(self.apis.batch.read_namespaced_job, name, self.ns)
         if job is not None and job.spec.parallelism != 0:
             try:
                 self.apis.batch.patch_namespaced_job(name, self.ns, {"spec": {"parallelism": 0}})
@@ -337,7 +292,7 @@ class JobReconciler:
         """Per silo: Pending, Active, Succeeded, Lost (retries exhausted) or Absent."""
         out = {silo: "External" for silo in job.external_silos()}
         for silo in job.hosted_silos():
-            j = _read(self.apis.batch.read_namespaced_job, silo_job_name(self.name, silo), self.ns)
+            j = read_or_none(self.apis.batch.read_namespaced_job, silo_job_name(self.name, silo), self.ns)
             if j is None:
                 out[silo] = "Absent"
                 continue
@@ -362,28 +317,6 @@ def _reason_line(message: str) -> str:
         if line.endswith("invalid FederatedJob"):
             return "; ".join(lines[i + 1 :])[:1000]
     return lines[-1][:1000] if lines else ""
-
-
-def condition(ctype: str, status: bool, reason: str, message: str) -> dict[str, Any]:
-    return {
-        "type": ctype,
-        "status": "True" if status else "False",
-        "reason": reason,
-        "message": message,
-        "lastTransitionTime": now(),
-    }
-
-
-def merge_conditions(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Keep lastTransitionTime when a condition's status did not change."""
-    by_type = {c["type"]: c for c in old}
-    out = []
-    for c in new:
-        prev = by_type.get(c["type"])
-        if prev and prev.get("status") == c["status"]:
-            c = {**c, "lastTransitionTime": prev.get("lastTransitionTime", c["lastTransitionTime"])}
-        out.append(c)
-    return out
 
 
 def status_from(

@@ -27,7 +27,16 @@ from fedjob.v1 import fedjob_pb2 as pb
 from fedjob.v1 import fedjob_pb2_grpc as pb_grpc
 from fedjob_operator import children
 from fedjob_operator.children import Images, SiloPlacement
-from fedjob_operator.reconcile import Apis, Emit, _create, _owner, _read, condition, merge_conditions, now
+from fedjob_operator.kube import (
+    Apis,
+    Emit,
+    condition,
+    create_owned,
+    merge_conditions,
+    now,
+    owner_reference,
+    read_or_none,
+)
 
 log = logging.getLogger("fedjob.operator")
 ENROLLED = "fedjob.io/enrolled"
@@ -49,7 +58,7 @@ class SiloReconciler:
         self.emit = emit
         self.ns: str = body["metadata"]["namespace"]
         self.name: str = body["metadata"]["name"]
-        self.owner = _owner(body)
+        self.owner = owner_reference(body)
         self.n = silo_names(self.name)
 
     def parse(self) -> FederatedSilo:
@@ -62,13 +71,13 @@ class SiloReconciler:
     # ----- certificate --------------------------------------------------------------------------------
 
     def _tls(self) -> Any | None:
-        return _read(self.apis.core.read_namespaced_secret, self.n["tls"], self.ns)
+        return read_or_none(self.apis.core.read_namespaced_secret, self.n["tls"], self.ns)
 
     def _token(self, silo: FederatedSilo) -> BootstrapToken:
         ref = silo.spec.token_secret
         if ref is None:
             raise EnrollmentFailed("no_token", "spec.tokenSecret: name the Secret holding the token", True)
-        secret = _read(self.apis.core.read_namespaced_secret, ref.name, self.ns)
+        secret = read_or_none(self.apis.core.read_namespaced_secret, ref.name, self.ns)
         if secret is None or ref.key not in (secret.data or {}):
             raise EnrollmentFailed(
                 "no_token", f"Secret {ref.name} with key {ref.key!r} not found in {self.ns}", permanent=False
@@ -99,7 +108,7 @@ class SiloReconciler:
                 },
                 "data": {"tls.key": _b64(key_pem(new_key()))},
             }
-            _create(self.apis.core.create_namespaced_secret, self.ns, manifest, self.owner)
+            create_owned(self.apis.core.create_namespaced_secret, self.ns, manifest, self.owner)
             secret = self._tls()
             assert secret is not None
         data = {k: base64.b64decode(v) for k, v in (secret.data or {}).items()}
@@ -142,7 +151,7 @@ class SiloReconciler:
     def job(self, silo: FederatedSilo, issued: Issued, key: bytes) -> FederatedJob:
         """The job document, fetched once from the aggregator and kept in a ConfigMap (a job's spec
         does not change while it runs)."""
-        cm = _read(self.apis.core.read_namespaced_config_map, self.n["config"], self.ns)
+        cm = read_or_none(self.apis.core.read_namespaced_config_map, self.n["config"], self.ns)
         if cm is None:
             s = silo.spec
             doc = fetch_job(
@@ -151,7 +160,7 @@ class SiloReconciler:
             job = job_for_silo(doc, silo)
             manifest = children.config_map(job, self.ns)
             manifest["metadata"]["name"] = self.n["config"]
-            _create(self.apis.core.create_namespaced_config_map, self.ns, manifest, self.owner)
+            create_owned(self.apis.core.create_namespaced_config_map, self.ns, manifest, self.owner)
             return job
         from fedjob.spec import parse_job
 
@@ -160,7 +169,7 @@ class SiloReconciler:
     def ensure_worker(self, silo: FederatedSilo, job: FederatedJob) -> bool:
         s = silo.spec
         if children.silo_keeps_state(job):
-            _create(
+            create_owned(
                 self.apis.core.create_namespaced_persistent_volume_claim,
                 self.ns,
                 children.silo_state_pvc(job, s.silo, self.ns),
@@ -175,10 +184,10 @@ class SiloReconciler:
         )
         images = Images(worker=s.image) if s.image else self.images
         manifest = children.silo_job(job, s.silo, self.ns, images, placement)
-        return _create(self.apis.batch.create_namespaced_job, self.ns, manifest, self.owner)
+        return create_owned(self.apis.batch.create_namespaced_job, self.ns, manifest, self.owner)
 
     def worker_state(self) -> str:
-        j = _read(self.apis.batch.read_namespaced_job, self.n["worker"], self.ns)
+        j = read_or_none(self.apis.batch.read_namespaced_job, self.n["worker"], self.ns)
         if j is None:
             return "Absent"
         st = j.status

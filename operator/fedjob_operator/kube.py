@@ -1,0 +1,89 @@
+"""Idempotent Kubernetes API helpers and status conditions, shared by both reconcilers.
+
+Deterministic names and create-if-absent make every step safe to repeat: an operator restarted
+at any moment converges without duplicates.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+Emit = Callable[[str, str, str], None]  # (type, reason, message) -> a Kubernetes Event
+
+
+def now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class Apis:
+    core: client.CoreV1Api
+    apps: client.AppsV1Api
+    batch: client.BatchV1Api
+
+    @classmethod
+    def default(cls) -> Apis:
+        return cls(client.CoreV1Api(), client.AppsV1Api(), client.BatchV1Api())
+
+
+def owner_reference(body: dict[str, Any]) -> dict[str, Any]:
+    m = body["metadata"]
+    return {
+        "apiVersion": body["apiVersion"],
+        "kind": body["kind"],
+        "name": m["name"],
+        "uid": m["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def create_owned(
+    create: Callable[..., Any], namespace: str, manifest: dict[str, Any], owner: dict[str, Any]
+) -> bool:
+    """Create unless it exists. Returns True when this call created it."""
+    manifest["metadata"]["ownerReferences"] = [owner]
+    try:
+        create(namespace, manifest)
+        return True
+    except ApiException as exc:
+        if exc.status == 409:
+            return False
+        raise
+
+
+def read_or_none(read: Callable[..., Any], name: str, namespace: str) -> Any | None:
+    try:
+        return read(name, namespace)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+def condition(ctype: str, status: bool, reason: str, message: str) -> dict[str, Any]:
+    return {
+        "type": ctype,
+        "status": "True" if status else "False",
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": now(),
+    }
+
+
+def merge_conditions(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Keep lastTransitionTime when a condition's status did not change."""
+    by_type = {c["type"]: c for c in old}
+    out = []
+    for c in new:
+        prev = by_type.get(c["type"])
+        if prev and prev.get("status") == c["status"]:
+            c = {**c, "lastTransitionTime": prev.get("lastTransitionTime", c["lastTransitionTime"])}
+        out.append(c)
+    return out
