@@ -25,13 +25,6 @@ SILO_PLURAL = "federatedsilos"
 EXTRA_RULES: dict[str, dict[str, Any]] = {
     "ModelSpec": {"oneOf": [{"required": ["path"]}, {"required": ["config"]}]},
     "VolumeSpec": {"oneOf": [{"required": ["persistentVolumeClaim"]}, {"required": ["hostPath"]}]},
-    # A silo brings data unless it is external (its data is set on its own side).
-    "SiloSpec": {
-        "anyOf": [
-            {"required": ["data"]},
-            {"required": ["external"], "properties": {"external": {"enum": [True]}}},
-        ]
-    },
 }
 LIST_MAP_KEYS = {"silos": ["name"]}
 
