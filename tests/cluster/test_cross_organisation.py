@@ -177,6 +177,19 @@ def test_a_silo_in_its_own_cluster_enrolls_and_trains_and_its_key_stays_there(
             for value in (secret.data or {}).values():
                 assert key not in base64.b64decode(value), secret.metadata.name
         assert kubelet_b.failures == [] and kubelet.failures == []
+        # Deleting the FederatedJob deletes its tokens (they are owned by it): none stays usable.
+        client.CustomObjectsApi().delete_namespaced_custom_object(
+            GROUP, VERSION, namespace, "federatedjobs", "fed"
+        )
+        wait_for(
+            lambda: (
+                not core_a.list_namespaced_secret(
+                    namespace, label_selector="app.kubernetes.io/component=token"
+                ).items
+            ),
+            60,
+            "the token Secrets to be garbage-collected",
+        )
     finally:
         kubelet_b.stop()
         operator_b.stop()
