@@ -19,7 +19,8 @@ BIN=$CACHE/bin
 WORK=$CACHE/work
 STATE=${TEST_CLUSTER_DIR:-$ROOT/.test-cluster}
 K8S_VERSION=v1.20.2
-MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+# shellcheck source=hack/lib/apt.sh
+. "$ROOT/hack/lib/apt.sh"
 
 log() { echo "test-cluster: $*" >&2; }
 
@@ -31,17 +32,7 @@ have_binaries() {
     && [ "$(cat "$BIN/.recipe" 2>/dev/null)" = "$RECIPE" ]
 }
 
-apt_private() {
-  # A private apt state, so /etc/apt and the system's lists stay untouched.
-  local dir=$WORK/apt
-  mkdir -p "$dir/lists/partial" "$dir/cache/archives/partial"
-  cat > "$dir/sources.list" <<LIST
-deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $MIRROR bookworm main
-deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $MIRROR bookworm main
-LIST
-  apt-get -q -o Dir::Etc::sourcelist="$dir/sources.list" -o Dir::Etc::sourceparts=- \
-    -o Dir::State::Lists="$dir/lists" -o Dir::Cache="$dir/cache" -o APT::Sandbox::User=root "$@"
-}
+apt_work() { apt_private "$WORK/apt" "$@"; }
 
 build() {
   if [ -n "${KUBEBUILDER_ASSETS:-}" ] && [ -x "$KUBEBUILDER_ASSETS/kube-apiserver" ]; then
@@ -50,10 +41,11 @@ build() {
   if have_binaries; then log "binaries cached in $BIN"; return; fi
   local start=$SECONDS
   mkdir -p "$WORK/src" "$WORK/debs" "$WORK/root" "$BIN"
-  log "fetching Debian sources and packages"
-  apt_private update >/dev/null
-  (cd "$WORK/src" && apt_private source --download-only kubernetes >/dev/null)
-  (cd "$WORK/debs" && apt_private download golang-1.19-go golang-1.19-src etcd-server kubernetes-client \
+  log "fetching Debian sources and packages (from this machine's package sources)"
+  private_sources "$WORK/apt"
+  apt_work update >/dev/null
+  (cd "$WORK/src" && apt_work source --download-only kubernetes >/dev/null)
+  (cd "$WORK/debs" && apt_work download golang-1.19-go golang-1.19-src etcd-server kubernetes-client \
       golang-github-modern-go-reflect2-dev golang-github-json-iterator-go-dev >/dev/null)
   for deb in "$WORK"/debs/*.deb; do dpkg -x "$deb" "$WORK/root"; done
   cp "$WORK/root/usr/bin/etcd" "$BIN/etcd"

