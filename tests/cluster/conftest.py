@@ -55,9 +55,11 @@ class Cluster:
         return proc
 
 
-def start_cluster(state: Path) -> Cluster:
+def start_cluster(state: Path, helm: Path | None = None) -> Cluster:
     """A control plane from hack/test-cluster.sh in `state`, with both CRDs, the operator's RBAC and
-    its namespace."""
+    its namespace: applied from crds/ and operator/rbac.yaml, or, given `helm`, installed with the
+    chart (release fedjob-operator in namespace fedjob, whose ServiceAccount is the identity the
+    operator's kubeconfig carries)."""
     script = REPO / "hack" / "test-cluster.sh"
     env = {**os.environ, "TEST_CLUSTER_DIR": str(state)}
     started = subprocess.run([str(script), "up"], capture_output=True, text=True, timeout=1800, env=env)
