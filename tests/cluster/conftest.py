@@ -69,6 +69,33 @@ def start_cluster(state: Path, helm: Path | None = None) -> Cluster:
     c = Cluster(
         state / "kubeconfig", state / "operator.kubeconfig", f"{kubectl.stdout.strip()}/kubectl", state
     )
+    if helm is not None:
+        installed = subprocess.run(
+            [
+                str(helm),
+                "--kubeconfig",
+                str(c.kubeconfig),
+                "upgrade",
+                "--install",
+                "fedjob-operator",
+                str(REPO / "helm" / "fedjob"),
+                "--namespace",
+                "fedjob",
+                "--create-namespace",
+                "--set",
+                "serviceAccount.name=fedjob-operator",
+                "--wait=false",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if installed.returncode != 0:
+            raise RuntimeError(f"helm install failed:\n{installed.stderr}")
+        for crd in ("federatedjobs", "federatedsilos"):
+            c.run("wait", "--for", "condition=Established", f"crd/{crd}.fedjob.io", "--timeout", "60s")
+        shutil.rmtree(state / "kubectl-cache", ignore_errors=True)
+        return c
     crds = REPO / "crds"
     c.run("apply", "-f", str(crds / "federatedjob.yaml"), "-f", str(crds / "federatedsilo.yaml"))
     c.run("wait", "--for", "condition=Established", "crd/federatedjobs.fedjob.io", "--timeout", "60s")

@@ -3,7 +3,9 @@ runs in its own cluster, from a FederatedSilo there, and whose private key never
 
 Each cluster is a real kube-apiserver + controller-manager from hack/test-cluster.sh with its own
 stand-in kubelet (tests/cluster/kubelet.py; its Pods get their own loopback range) and its own
-operator process with the chart's RBAC. The silo reaches the aggregator at its Pod IP, as it would
+operator process with the chart's RBAC. In the silo's cluster the chart is installed with real
+helm (CRDs, ClusterRole, binding to the operator's ServiceAccount); the operator runs as a local
+process with that ServiceAccount's identity, since the stand-in kubelet has no image to run. The silo reaches the aggregator at its Pod IP, as it would
 at a LoadBalancer's address: both "networks" are this machine's loopback.
 """
 
@@ -40,9 +42,10 @@ SILO_STATE = REPO / ".test-cluster-silo"
 
 
 @pytest.fixture(scope="module")
-def silo_cluster(cluster: Cluster) -> Iterator[tuple[Cluster, client.ApiClient]]:
-    """The external silo's own cluster (started after the owner's, so both kubeconfigs exist)."""
-    c = start_cluster(SILO_STATE)
+def silo_cluster(cluster: Cluster, tools: Path) -> Iterator[tuple[Cluster, client.ApiClient]]:
+    """The external silo's own cluster, where the fedjob chart is installed with real helm: its
+    CRDs and RBAC are what the silo's operator process runs with."""
+    c = start_cluster(SILO_STATE, helm=tools / "helm")
     api = config.new_client_from_config(str(c.kubeconfig))
     yield c, api
     stop_cluster(SILO_STATE)
