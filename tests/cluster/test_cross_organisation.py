@@ -5,7 +5,8 @@ Each cluster is a real kube-apiserver + controller-manager from hack/test-cluste
 stand-in kubelet (tests/cluster/kubelet.py; its Pods get their own loopback range) and its own
 operator process with the chart's RBAC. In the silo's cluster the chart is installed with real
 helm (CRDs, ClusterRole, binding to the operator's ServiceAccount); the operator runs as a local
-process with that ServiceAccount's identity, since the stand-in kubelet has no image to run. The silo reaches the aggregator at its Pod IP, as it would
+process with that ServiceAccount's identity, since the stand-in kubelet has no image to run.
+The silo reaches the aggregator at its Pod IP, as it would
 at a LoadBalancer's address: both "networks" are this machine's loopback.
 """
 
