@@ -27,6 +27,7 @@ from fedjob.tls import CertFiles, write_file
 from fedjob_cli.local_run import Proc
 
 RETRY_SECONDS = 5.0
+RENEWAL_CHECK_SECONDS = 60.0
 MAX_WAIT_SECONDS = 600.0  # for an owner that does not answer yet (its aggregator starting)
 
 
@@ -115,6 +116,14 @@ class SiloJoin:
             return issued
         return held
 
+    def _renew_quietly(self) -> None:
+        """Renew while the worker runs (it picks the new certificate up at its next call); a failure
+        is retried at the next check, the current certificate being valid for a third of its life."""
+        try:
+            self.certificate()
+        except EnrollmentFailed as exc:
+            self.console.print(f"[yellow]renewal: {exc}; trying again later[/]")
+
     # ----- the worker -------------------------------------------------------------------------------
 
     def run(self) -> int:
@@ -153,8 +162,12 @@ class SiloJoin:
         )
         while True:
             worker.start()
+            checked = time.monotonic()
             while worker.poll() is None:
                 time.sleep(0.5)
+                if time.monotonic() - checked > RENEWAL_CHECK_SECONDS:
+                    checked = time.monotonic()
+                    self._renew_quietly()
             rc = worker.poll()
             worker.stop()
             if rc == 0:

@@ -326,14 +326,14 @@ def test_an_external_silo_enrolls_over_the_wire_then_joins_over_mtls(tmp_path: P
         ("expired token", grpc.StatusCode.PERMISSION_DENIED, "expired_token"),
         ("another silo's name", grpc.StatusCode.PERMISSION_DENIED, "wrong_silo"),
         ("hosted silo", grpc.StatusCode.FAILED_PRECONDITION, "not_external"),
-        ("unknown silo", grpc.StatusCode.NOT_FOUND, "unknown_silo"),
+        ("a silo not in the job", grpc.StatusCode.PERMISSION_DENIED, "wrong_silo"),
     ],
 )
 def test_a_refused_enrollment_says_why_over_the_wire(
     tmp_path: Path, case: str, code: grpc.StatusCode, reason: str
 ) -> None:
     with federation(tmp_path) as fed:
-        silo = {"another silo's name": "gamma", "hosted silo": "alpha", "unknown silo": "nobody"}.get(
+        silo = {"another silo's name": "gamma", "hosted silo": "alpha", "a silo not in the job": "nobody"}.get(
             case, "beta"
         )
         owner = "alpha" if case == "hosted silo" else "beta"  # whom the owner made the token for
@@ -421,3 +421,32 @@ def test_only_the_owner_may_sync_enrollments(tmp_path: Path) -> None:
         with grpc.secure_channel(fed.address, creds) as ch, pytest.raises(grpc.RpcError) as denied:
             pb_grpc.FederatedTrainingStub(ch).SyncEnrollments(pb.EnrollmentSync(), timeout=5)
         assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_a_running_worker_picks_up_a_replaced_certificate_at_its_next_call(tmp_path: Path) -> None:
+    """A renewal (or a new enrollment) rewrites the silo's certificate files; the worker's client
+    uses them from its next call on, without a restart."""
+    from fedjob_worker.client import AggregatorClient
+
+    from fedjob.tls import write_file
+
+    folder = CertFiles(tmp_path / "silo")
+    folder.root.mkdir()
+
+    def keep(issued: Issued, key: bytes) -> None:
+        write_file(folder.ca, issued.ca_pem, 0o644)
+        write_file(folder.cert("silo-beta"), issued.cert_pem, 0o644)
+        write_file(folder.key("silo-beta"), key, 0o600)
+
+    with federation(tmp_path) as fed:
+        keep(*_enroll(fed, token_for(fed.authority)))
+        client = AggregatorClient(fed.address, folder, "beta", 4096, server_name="demo-aggregator")
+        try:
+            assert client.join().silo == "beta"
+            # The key is lost and the silo enrolls again: the first certificate is refused from now on.
+            time.sleep(0.01)  # a new mtime on coarse file systems
+            keep(*_enroll(fed, token_for(fed.authority)))
+            fed.sync_once()
+            assert client.join().silo == "beta"
+        finally:
+            client.close()

@@ -335,10 +335,8 @@ class EnrollmentServicer(pb_grpc.EnrollmentServicer):
                 grpc.StatusCode.NOT_FOUND,
                 f"wrong_job: this aggregator serves job {self.job.name!r}, not {request.job!r}",
             )
-        if request.silo not in self.job.silo_names():
-            context.abort(
-                grpc.StatusCode.NOT_FOUND, f"unknown_silo: job {self.job.name!r} has no silo {request.silo!r}"
-            )
+        # No check of the silo's name here: an unauthenticated caller must not learn which silos
+        # a job has. The owner's side checks the token first, and names the silo only to its holder.
         pending = pb.PendingEnrollment(
             silo=request.silo, token_id=request.token_id, proof=request.proof, csr_pem=request.csr_pem
         )

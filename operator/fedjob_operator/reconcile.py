@@ -67,6 +67,7 @@ class JobReconciler:
         self.owner = owner_reference(body)
         self.n = names(self.name)
         self.ca: KeyPair | None = None  # the job CA, once ensure_children has run
+        self._registry: SecretRegistry | None = None
 
     def parse(self) -> FederatedJob:
         doc = {k: self.body[k] for k in ("apiVersion", "kind", "spec")}
@@ -119,7 +120,9 @@ class JobReconciler:
         return pair
 
     def registry(self) -> SecretRegistry:
-        return SecretRegistry(self.apis.core, self.ns, self.name, self.owner)
+        if self._registry is None:
+            self._registry = SecretRegistry(self.apis.core, self.ns, self.name, self.owner)
+        return self._registry
 
     def ensure_children(self, job: FederatedJob, running: bool) -> list[str]:
         """Create what is missing; scale/remove what `running` says. Returns the names created."""

@@ -49,6 +49,7 @@ class SecretRegistry:
         self.ns = namespace
         self.job = job
         self.owner = owner
+        self._enrolled: dict[str, str] | None = None  # the ConfigMap's data, read once per sync
 
     def token(self, token_id: str) -> TokenRecord | None:
         found = self.core.list_namespaced_secret(
@@ -78,16 +79,19 @@ class SecretRegistry:
         )
 
     def certificates(self, silo: str) -> list[bytes]:
-        try:
-            cm = self.core.read_namespaced_config_map(enrolled_name(self.job), self.ns)
-        except ApiException as exc:
-            if exc.status == 404:
-                return []
-            raise
-        return split_pem(((cm.data or {}).get(f"{silo}.pem") or "").encode())
+        if self._enrolled is None:
+            try:
+                cm = self.core.read_namespaced_config_map(enrolled_name(self.job), self.ns)
+                self._enrolled = dict(cm.data or {})
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+                self._enrolled = {}
+        return split_pem((self._enrolled.get(f"{silo}.pem") or "").encode())
 
     def set_certificates(self, silo: str, certs: list[bytes]) -> None:
         data = {f"{silo}.pem": b"".join(certs).decode()}
+        self._enrolled = None
         try:
             self.core.patch_namespaced_config_map(enrolled_name(self.job), self.ns, {"data": data})
         except ApiException as exc:

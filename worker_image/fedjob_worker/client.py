@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 import uuid
@@ -72,20 +73,43 @@ class AggregatorClient:
         backoff: Backoff | None = None,
         server_name: str | None = None,
     ) -> None:
-        ca, cert, key = certs.load(f"silo-{silo}")
-        creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
         limit = chunk_bytes + (1 << 20)
-        options: list[tuple[str, int | str]] = [
+        self.options: list[tuple[str, int | str]] = [
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
             ("grpc.keepalive_time_ms", 30_000),
         ]
         if server_name:
-            options.append(("grpc.ssl_target_name_override", server_name))
-        self.channel = grpc.secure_channel(address, creds, options=options)
-        self.stub = pb_grpc.FederatedTrainingStub(self.channel)
+            self.options.append(("grpc.ssl_target_name_override", server_name))
+        self.address = address
+        self.certs = certs
         self.silo = silo
         self.backoff = backoff or Backoff()
+        self._connect()
+
+    def _stamp(self) -> tuple[float, float]:
+        who = f"silo-{self.silo}"
+        return os.stat(self.certs.cert(who)).st_mtime, os.stat(self.certs.key(who)).st_mtime
+
+    def _connect(self) -> None:
+        self.stamp = self._stamp()
+        ca, cert, key = self.certs.load(f"silo-{self.silo}")
+        creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+        self.channel = grpc.secure_channel(self.address, creds, options=self.options)
+        self.stub = pb_grpc.FederatedTrainingStub(self.channel)
+
+    def _pick_up_renewal(self) -> None:
+        """A renewed certificate (an external silo's, replaced on disk or in its mounted Secret) is
+        used from the next call on; the one it replaces stays valid until it expires."""
+        try:
+            if self._stamp() == self.stamp:
+                return
+        except OSError:
+            return  # mid-replacement: the next call looks again
+        old = self.channel
+        self._connect()
+        old.close()
+        log.info("using the silo's renewed certificate from now on")
 
     def close(self) -> None:
         self.channel.close()
@@ -93,6 +117,7 @@ class AggregatorClient:
     def _retry(self, what: str, call: Callable[[], T]) -> T:
         last: grpc.RpcError | None = None
         for delay in self.backoff.delays():
+            self._pick_up_renewal()
             try:
                 return call()
             except grpc.RpcError as exc:
