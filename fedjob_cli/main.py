@@ -65,6 +65,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
         )
         for line in report:
             print(f"  {line}")
+    if job.external_silos():
+        print(
+            f"  external silos (they enroll with a bootstrap token; their data is set on their side): "
+            f"{', '.join(job.external_silos())}"
+        )
     if job.spec.aggregation.silos_per_round is not None:
         print(f"  sampling: {job.spec.silos_per_round} of {len(job.spec.silos)} silos train each round")
     if job.spec.privacy.dp is not None:
@@ -80,7 +85,8 @@ def cmd_certs(args: argparse.Namespace) -> int:
     from fedjob.tls import write_job_certs
 
     job = _job(args.file, check_paths=False)
-    files = write_job_certs(Path(args.out), job.name, job.silo_names(), job.metadata.namespace, args.days)
+    # External silos make their own keys and enroll: none is made for them here.
+    files = write_job_certs(Path(args.out), job.name, job.hosted_silos(), job.metadata.namespace, args.days)
     for p in sorted(files.root.iterdir()):
         print(p)
     return 0
