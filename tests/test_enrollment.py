@@ -247,6 +247,11 @@ class Federation:
     address: str
     enrollment: str
     desk: EnrollmentDesk
+    metrics: AggregatorMetrics
+
+    def counted(self, kind: str, outcome: str) -> float:
+        labels = {"federatedjob": JOB, "kind": kind, "outcome": outcome}
+        return self.metrics.registry.get_sample_value("fedjob_enrollments_total", labels) or 0.0
 
     def sync_once(self) -> int:
         ca, cert, key = self.job_certs.load("observer")
@@ -274,10 +279,10 @@ def federation(tmp_path: Path, owner_running: bool = True) -> Iterator[Federatio
     desk = EnrollmentDesk(tmp_path / "work" / "certificates.json", job.external_silos())
     servicer = FederatedTrainingServicer(job, coord, metrics, desk=desk)
     server, port, _ = build_server(job, servicer, certs, "127.0.0.1", 0)
-    enrollment, enrollment_port = build_enrollment_server(job, desk, ca.cert_pem, "127.0.0.1", 0)
+    enrollment, enrollment_port = build_enrollment_server(job, desk, ca.cert_pem, metrics, "127.0.0.1", 0)
     server.start()
     enrollment.start()
-    fed = Federation(certs, authority, f"127.0.0.1:{port}", f"127.0.0.1:{enrollment_port}", desk)
+    fed = Federation(certs, authority, f"127.0.0.1:{port}", f"127.0.0.1:{enrollment_port}", desk, metrics)
     stop = threading.Event()
 
     def owner() -> None:  # what the operator does every sync
@@ -316,6 +321,7 @@ def test_an_external_silo_enrolls_over_the_wire_then_joins_over_mtls(tmp_path: P
         silos = doc["spec"]["silos"]  # type: ignore[index]
         assert {"name": "alpha", "external": True, "processes": 1} in silos  # no data of another silo
         assert not any("data" in s for s in silos)
+        assert fed.counted("enroll", "signed") == 1 and fed.counted("enroll", "refused") == 0
 
 
 @pytest.mark.parametrize(
@@ -333,9 +339,11 @@ def test_a_refused_enrollment_says_why_over_the_wire(
     tmp_path: Path, case: str, code: grpc.StatusCode, reason: str
 ) -> None:
     with federation(tmp_path) as fed:
-        silo = {"another silo's name": "gamma", "hosted silo": "alpha", "a silo not in the job": "nobody"}.get(
-            case, "beta"
-        )
+        silo = {
+            "another silo's name": "gamma",
+            "hosted silo": "alpha",
+            "a silo not in the job": "nobody",
+        }.get(case, "beta")
         owner = "alpha" if case == "hosted silo" else "beta"  # whom the owner made the token for
         token = token_for(fed.authority, owner, ttl=-1 if case == "expired token" else 3600)
         if case == "wrong token":
@@ -368,6 +376,7 @@ def test_without_an_owner_to_answer_enrollment_is_unavailable(
             _enroll(fed, token_for(fed.authority))
         assert failed.value.reason == "unavailable" and not failed.value.permanent
         assert "did not answer" in failed.value.message
+        assert fed.counted("enroll", "unanswered") == 1
 
 
 def _join(fed: Federation, issued: Issued, key: bytes) -> grpc.StatusCode | None:

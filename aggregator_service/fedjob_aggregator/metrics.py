@@ -47,7 +47,10 @@ REASONS = (
     "too_dense",
     "not_sampled",
     "noise_missing",
+    "revoked",
+    "superseded",
 )
+ENROLLMENT_OUTCOMES = ("signed", "refused", "unanswered")
 
 
 class AggregatorMetrics:
@@ -58,6 +61,15 @@ class AggregatorMetrics:
         sl = [*jl, "silo"]
         r = self.registry
         self.round = Gauge("fedjob_round", "Rounds completed.", jl, registry=r)
+        self.enrollments = Counter(
+            "fedjob_enrollments",
+            "External silos' enrollment and renewal requests, by outcome.",
+            [*jl, "kind", "outcome"],
+            registry=r,
+        )
+        for kind in ("enroll", "renew"):
+            for outcome in ENROLLMENT_OUTCOMES:
+                self.enrollments.labels(self.job, kind, outcome)
         self.rounds_total = Gauge("fedjob_rounds_total", "Rounds the job runs in all.", jl, registry=r)
         self.phase = Gauge("fedjob_job_phase", "1 for the job's current phase.", [*jl, "phase"], registry=r)
         self.round_seconds = Histogram(

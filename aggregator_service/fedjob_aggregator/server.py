@@ -128,7 +128,7 @@ def build_server(
 
 
 def build_enrollment_server(
-    job: FederatedJob, desk: EnrollmentDesk, ca_pem: bytes, host: str, port: int
+    job: FederatedJob, desk: EnrollmentDesk, ca_pem: bytes, metrics: AggregatorMetrics, host: str, port: int
 ) -> tuple[grpc.Server, int]:
     """The enrollment port: plaintext, one small call, its own few threads (a flood of enrollments
     cannot take a thread from training), messages capped at 64 KiB."""
@@ -137,7 +137,7 @@ def build_enrollment_server(
         options=[("grpc.max_receive_message_length", 1 << 16), ("grpc.max_send_message_length", 1 << 16)],
         maximum_concurrent_rpcs=16,
     )
-    pb_grpc.add_EnrollmentServicer_to_server(EnrollmentServicer(job, desk, ca_pem), server)
+    pb_grpc.add_EnrollmentServicer_to_server(EnrollmentServicer(job, desk, ca_pem, metrics), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port} for enrollment")
@@ -195,7 +195,7 @@ def serve(job: FederatedJob, opts: AggregatorOptions) -> int:
     if job.external_silos():
         ca_pem = CertFiles(opts.certs).ca.read_bytes()
         enrollment, enrollment_port = build_enrollment_server(
-            job, desk, ca_pem, opts.host, opts.enrollment_port
+            job, desk, ca_pem, metrics, opts.host, opts.enrollment_port
         )
         enrollment.start()
     http, _ = start_http_server(opts.metrics_port, addr=opts.host, registry=metrics.registry)

@@ -256,7 +256,7 @@ class FederatedTrainingServicer(pb_grpc.FederatedTrainingServicer):
             silo=silo, renew_serial=serial_of(self._certificate(context)), csr_pem=request.csr_pem
         )
         with self._admitted(context, silo, "other"):
-            return answer(self.desk, pending, context)
+            return answer(self.desk, self.metrics, pending, context)
 
     def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.JobDocument:
         silo = self._silo(context)
@@ -296,15 +296,22 @@ ANSWER_SECONDS = 30.0
 
 
 def answer(
-    desk: EnrollmentDesk, pending: pb.PendingEnrollment, context: grpc.ServicerContext
+    desk: EnrollmentDesk,
+    metrics: AggregatorMetrics,
+    pending: pb.PendingEnrollment,
+    context: grpc.ServicerContext,
 ) -> pb.EnrollReply:
     """Wait at the desk for the owner's outcome and turn it into the reply or a status."""
+    kind = "renew" if pending.renew_serial else "enroll"
     try:
         outcome = desk.submit(pending, ANSWER_SECONDS)
     except DeskFull as exc:
+        metrics.enrollments.labels(metrics.job, kind, "unanswered").inc()
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
     except NoAnswer as exc:
+        metrics.enrollments.labels(metrics.job, kind, "unanswered").inc()
         context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+    metrics.enrollments.labels(metrics.job, kind, "refused" if outcome.refusal_reason else "signed").inc()
     if outcome.refusal_reason:
         log.warning("refused enrollment of %s: %s", pending.silo, outcome.refusal_reason)
         code = REFUSAL_CODES.get(outcome.refusal_reason, grpc.StatusCode.PERMISSION_DENIED)
@@ -316,10 +323,13 @@ def answer(
 class EnrollmentServicer(pb_grpc.EnrollmentServicer):
     """The enrollment port's one call. It runs without TLS: nothing in it is secret (enrollment.py)."""
 
-    def __init__(self, job: FederatedJob, desk: EnrollmentDesk, ca_pem: bytes) -> None:
+    def __init__(
+        self, job: FederatedJob, desk: EnrollmentDesk, ca_pem: bytes, metrics: AggregatorMetrics
+    ) -> None:
         self.job = job
         self.desk = desk
         self.ca_pem = ca_pem
+        self.metrics = metrics
 
     def Discover(self, request: pb.DiscoverRequest, context: grpc.ServicerContext) -> pb.DiscoverReply:
         if request.job != self.job.name:
@@ -340,4 +350,4 @@ class EnrollmentServicer(pb_grpc.EnrollmentServicer):
         pending = pb.PendingEnrollment(
             silo=request.silo, token_id=request.token_id, proof=request.proof, csr_pem=request.csr_pem
         )
-        return answer(self.desk, pending, context)
+        return answer(self.desk, self.metrics, pending, context)
