@@ -184,7 +184,7 @@ class LocalRun:
                 self.out / "logs" / f"silo-{s.name}.log",
             )
             for s in self.job.spec.silos
-            if not s.external
+            if not s.external and s.name not in self.job.spec.revoked_silos  # revoked: refused anyway
         ]
         # All silos share this machine: without a cap each process starts one busy-waiting
         # OpenMP thread per core and a round takes ten times longer.
