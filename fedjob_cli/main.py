@@ -374,9 +374,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
     s.set_defaults(fn=cmd_data_split)
 
-    s = sub.add_parser("crd", help="print the FederatedJob CustomResourceDefinition")
+    s = sub.add_parser("crd", help="print a CustomResourceDefinition (FederatedJob or FederatedSilo)")
     s.add_argument("--out", help="write to this file instead of standard output")
-    s.add_argument("--kind", choices=["FederatedJob", "FederatedSilo"], default="FederatedJob")
+    s.add_argument(
+        "--kind",
+        choices=["FederatedJob", "FederatedSilo"],
+        default="FederatedJob",
+        help="which CRD (default FederatedJob)",
+    )
     s.set_defaults(fn=cmd_crd)
 
     s = sub.add_parser("warmup", help="compile DeepSpeed's CPU ops into the cache")
