@@ -34,7 +34,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from fedjob.tls import Identity, KeyPair, ca_hash, identity_of, serial_of, sign_public_key, write_file
+from fedjob.tls import (
+    Identity,
+    KeyPair,
+    ca_hash,
+    identity_of,
+    serial_of,
+    sign_public_key,
+    write_file,
+)
 from fedjob.v1 import fedjob_pb2 as pb
 
 TOKEN = re.compile(r"^([a-z0-9]{6})\.([a-z0-9]{16})$")
@@ -113,16 +121,6 @@ class RenewalRequest:
 class Issued:
     ca_pem: bytes
     cert_pem: bytes
-
-
-def new_key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
 
 
 def load_key(pem: bytes) -> ec.EllipticCurvePrivateKey:

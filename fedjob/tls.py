@@ -51,11 +51,11 @@ class KeyPair:
     key_pem: bytes
 
 
-def _new_key() -> ec.EllipticCurvePrivateKey:
+def new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
@@ -66,7 +66,7 @@ def _now() -> dt.datetime:
 
 
 def create_ca(job: str, days: int = 365) -> KeyPair:
-    key = _new_key()
+    key = new_key()
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"fedjob CA for {job}")])
     now = _now()
     cert = (
@@ -84,7 +84,7 @@ def create_ca(job: str, days: int = 365) -> KeyPair:
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
-    return KeyPair(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
+    return KeyPair(cert.public_bytes(serialization.Encoding.PEM), key_pem(key))
 
 
 def issue(
@@ -96,9 +96,9 @@ def issue(
     days: float = 365,
 ) -> KeyPair:
     """A new key and a certificate for `identity` (the aggregator's for servers, the rest for clients)."""
-    key = _new_key()
+    key = new_key()
     cert_pem = sign_public_key(ca, key.public_key(), identity, dns_names, ip_addresses, not_before, days)
-    return KeyPair(cert_pem, _key_pem(key))
+    return KeyPair(cert_pem, key_pem(key))
 
 
 def sign_public_key(

@@ -18,12 +18,12 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 
-from fedjob.enrollment import BootstrapToken, Issued, key_pem, load_key, needs_renewal, new_key
+from fedjob.enrollment import BootstrapToken, Issued, load_key, needs_renewal
 from fedjob.enrollment_client import EnrollmentFailed, enroll, fetch_job, renew
 from fedjob.errors import EXIT_PERMANENT
 from fedjob.silo_spec import FederatedSilo, job_for_silo
 from fedjob.spec import SpecError, job_document
-from fedjob.tls import CertFiles, write_file
+from fedjob.tls import CertFiles, key_pem, new_key, write_file
 from fedjob_cli.local_run import Proc
 
 RETRY_SECONDS = 5.0

@@ -36,9 +36,7 @@ from fedjob.enrollment import (
     RenewalRequest,
     accept,
     exchange,
-    key_pem,
     make_csr,
-    new_key,
     new_token_record,
     request,
 )
@@ -52,6 +50,8 @@ from fedjob.tls import (
     ca_hash,
     create_ca,
     identity_of,
+    key_pem,
+    new_key,
     serial_of,
     write_job_certs,
 )

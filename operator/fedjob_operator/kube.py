@@ -87,3 +87,16 @@ def merge_conditions(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> li
             c = {**c, "lastTransitionTime": prev.get("lastTransitionTime", c["lastTransitionTime"])}
         out.append(c)
     return out
+
+
+def job_state(job: Any | None) -> str:
+    """A batch Job's state: Absent, Failed (retries exhausted), Succeeded, Active or Pending."""
+    if job is None:
+        return "Absent"
+    st = job.status
+    conds = {c.type: c.status for c in (st.conditions or [])} if st else {}
+    if conds.get("Failed") == "True":
+        return "Failed"
+    if conds.get("Complete") == "True" or (st and st.succeeded):
+        return "Succeeded"
+    return "Active" if st and st.active else "Pending"

@@ -33,6 +33,7 @@ from fedjob_operator.kube import (
     Emit,
     condition,
     create_owned,
+    job_state,
     merge_conditions,
     now,
     owner_reference,
@@ -295,20 +296,10 @@ class JobReconciler:
         """Per silo: Pending, Active, Succeeded, Lost (retries exhausted) or Absent."""
         out = {silo: "External" for silo in job.external_silos()}
         for silo in job.hosted_silos():
-            j = read_or_none(self.apis.batch.read_namespaced_job, silo_job_name(self.name, silo), self.ns)
-            if j is None:
-                out[silo] = "Absent"
-                continue
-            st = j.status
-            conds = {c.type: c.status for c in (st.conditions or [])} if st else {}
-            if conds.get("Failed") == "True":
-                out[silo] = "Lost"
-            elif conds.get("Complete") == "True" or (st and st.succeeded):
-                out[silo] = "Succeeded"
-            elif st and st.active:
-                out[silo] = "Active"
-            else:
-                out[silo] = "Pending"
+            state = job_state(
+                read_or_none(self.apis.batch.read_namespaced_job, silo_job_name(self.name, silo), self.ns)
+            )
+            out[silo] = "Lost" if state == "Failed" else state
         return out
 
 

@@ -19,10 +19,11 @@ import grpc
 import yaml
 from cryptography import x509
 
-from fedjob.enrollment import BootstrapToken, Issued, key_pem, load_key, needs_renewal, new_key
+from fedjob.enrollment import BootstrapToken, Issued, load_key, needs_renewal
 from fedjob.enrollment_client import EnrollmentFailed, channel, enroll, fetch_job, renew
 from fedjob.silo_spec import FederatedSilo, job_for_silo
 from fedjob.spec import FederatedJob, SpecError
+from fedjob.tls import key_pem, new_key
 from fedjob.v1 import fedjob_pb2 as pb
 from fedjob.v1 import fedjob_pb2_grpc as pb_grpc
 from fedjob_operator import children
@@ -32,6 +33,7 @@ from fedjob_operator.kube import (
     Emit,
     condition,
     create_owned,
+    job_state,
     merge_conditions,
     now,
     owner_reference,
@@ -187,16 +189,7 @@ class SiloReconciler:
         return create_owned(self.apis.batch.create_namespaced_job, self.ns, manifest, self.owner)
 
     def worker_state(self) -> str:
-        j = read_or_none(self.apis.batch.read_namespaced_job, self.n["worker"], self.ns)
-        if j is None:
-            return "Absent"
-        st = j.status
-        conds = {c.type: c.status for c in (st.conditions or [])} if st else {}
-        if conds.get("Failed") == "True":
-            return "Failed"
-        if conds.get("Complete") == "True" or (st and st.succeeded):
-            return "Succeeded"
-        return "Active" if st and st.active else "Pending"
+        return job_state(read_or_none(self.apis.batch.read_namespaced_job, self.n["worker"], self.ns))
 
     @contextlib.contextmanager
     def _stub(
