@@ -228,6 +228,13 @@ def test_a_silo_killed_mid_round_is_left_out_and_rejoins_a_later_round(assets: P
     run = start_run(job, out)
     try:
         wait_for_rounds(run, out, 1, tmp_path / "run.log")
+        # Kill it once it holds a global copy made of changes, so that the restart must fetch the
+        # whole model again rather than merely never having had a copy to update.
+        silo_log_path = out / "logs" / "silo-unicode.log"
+        end = time.time() + 120
+        while "(changes)" not in (silo_log_path.read_text() if silo_log_path.exists() else ""):
+            assert time.time() < end and run.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
+            time.sleep(0.05)
         victim = find_silo_process(run, "unicode")
         assert victim is not None
         killed_after = len(rounds_in(out))
