@@ -46,6 +46,27 @@ CHAINS: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]] = {
         [{"topk": {"fraction": 0.25, "blockSize": 128}}, {"quantize": {"bits": 2}}, {"zstd": {}}],
         {},
     ),
+    # nearest rounding with least-squares block scales (error feedback owes the rounding)
+    "topk25b-q2n": (
+        [
+            {"topk": {"fraction": 0.25, "blockSize": 128}},
+            {"quantize": {"bits": 2, "rounding": "nearest"}},
+            {"zstd": {}},
+        ],
+        {},
+    ),
+    "topk25-q2n": (
+        [{"topk": {"fraction": 0.25}}, {"quantize": {"bits": 2, "rounding": "nearest"}}, {"zstd": {}}],
+        {},
+    ),
+    "topk10-q4n": (
+        [{"topk": {"fraction": 0.1}}, {"quantize": {"bits": 4, "rounding": "nearest"}}, {"zstd": {}}],
+        {},
+    ),
+    "ef-q2n": (
+        [{"topk": {"fraction": 1.0}}, {"quantize": {"bits": 2, "rounding": "nearest"}}, {"zstd": {}}],
+        {},
+    ),
     # top-k keeping everything: error feedback on the 2-bit rounding alone
     "ef-q2": ([{"topk": {"fraction": 1.0}}, {"quantize": {"bits": 2}}, {"zstd": {}}], {}),
 }

@@ -339,7 +339,7 @@ def chain_codec(stages: Sequence[UplinkStageSpec]) -> Codec:
     byte_stages: list[Zstd] = []
     for st in wire:
         if st.quantize is not None:
-            quantizer = BlockQuantizer(st.quantize.bits, st.quantize.block_size)
+            quantizer = BlockQuantizer(st.quantize.bits, st.quantize.block_size, st.quantize.rounding)
         elif st.fp16 is not None:
             quantizer = Float16()
         elif st.bf16 is not None:
