@@ -11,14 +11,17 @@ sync's with the same algorithm.
     .venv/bin/python bench/communication.py                      # FedAvg and DiLoCo, every chain
     .venv/bin/python bench/communication.py --algorithms fedavg --chains fp32,topk2-q2
 
-The download is not compressed yet (raw float32 of the global model every round), so
-the down column is the same for every chain: issue 12's compressed downlink is not built.
+`--downlink` runs a chain both ways: the silos then receive each round's change to the
+global model in that chain instead of the whole model in float32. The first round's
+download is always whole, so the downlink's ratio is given twice: averaged over all
+rounds, and per sync after the first (what a silo that holds the model receives).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -72,6 +75,31 @@ CHAINS: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]] = {
 }
 
 
+def chain_stages(name: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """A named chain, or one spelled `topk<percent>[b]-q<bits>[n][.<block>][-z<level>]`.
+
+    b: top-k per block of 128 values; n: nearest rounding; .<block>: values per scale (128);
+    z: the zstd level (3).
+    """
+    if name in CHAINS:
+        return CHAINS[name]
+    m = re.fullmatch(r"topk(\d+(?:\.\d+)?)(b?)-q([248])(n?)(?:\.(\d+))?(?:-z(\d+))?", name)
+    if m is None:
+        raise SystemExit(
+            f"unknown chain {name!r}: one of {', '.join(CHAINS)} "
+            "or topk<percent>[b]-q<bits>[n][.<block>][-z<level>]"
+        )
+    topk: dict[str, Any] = {"fraction": float(m[1]) / 100}
+    if m[2]:
+        topk["blockSize"] = 128
+    quantize: dict[str, Any] = {"bits": int(m[3])}
+    if m[4]:
+        quantize["rounding"] = "nearest"
+    if m[5]:
+        quantize["blockSize"] = int(m[5])
+    return [{"topk": topk}, {"quantize": quantize}, {"zstd": {"level": int(m[6])} if m[6] else {}}], {}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--chains", default=",".join(CHAINS))
@@ -120,13 +148,13 @@ def main() -> None:
         if algorithm == "diloco":
             agg.update(outerLearningRate=args.outer_lr, outerMomentum=args.outer_momentum)
         for chain in args.chains.split(","):
-            uplink, legacy = CHAINS[chain]
+            uplink, legacy = chain_stages(chain)
             doc = job_document(args, f"comm-{algorithm}", silos, args.rounds, args.seed, **agg)
             doc["spec"]["compression"] = {**legacy, **({"uplink": uplink} if uplink else {})}
             history = run_job(args, doc, f"comm-{algorithm}-{chain}-{tag}")
             rows.append(measure(algorithm, chain, history))
         for chain in filter(None, args.downlink.split(",")):
-            uplink, legacy = CHAINS[chain]
+            uplink, legacy = chain_stages(chain)
             doc = job_document(args, f"comm-{algorithm}", silos, args.rounds, args.seed, **agg)
             doc["spec"]["compression"] = {"uplink": uplink, "downlink": uplink}
             history = run_job(args, doc, f"comm-{algorithm}-{chain}-both-{tag}")
@@ -148,12 +176,15 @@ def main() -> None:
 def measure(algorithm: str, chain: str, history: list[dict[str, Any]]) -> dict[str, Any]:
     up = sum(r["bytes_up"] / r["num_participants"] for r in history) / len(history)
     down = sum(r["bytes_down"] / r["num_participants"] for r in history) / len(history)
+    later = history[1:] or history
+    down_later = sum(r["bytes_down"] / r["num_participants"] for r in later) / len(later)
     raw = sum(r["bytes_up"] * (r["compression_ratio"] or 1.0) / r["num_participants"] for r in history)
     return {
         "algorithm": algorithm,
         "chain": chain,
         "bytes_up": up,
         "bytes_down": down,
+        "bytes_down_after_first": down_later,
         "raw_up": raw / len(history),
         "eval_loss": history[-1]["eval_loss"],
         "eval_curve": [r["eval_loss"] for r in history],
@@ -163,17 +194,20 @@ def measure(algorithm: str, chain: str, history: list[dict[str, Any]]) -> dict[s
 def render(rows: list[dict[str, Any]]) -> str:
     head = (
         "| algorithm | uplink chain | up KB/silo/round | up vs fp32 | down KB/silo/round | down vs fp32 "
-        "| final eval loss | vs fp32 sync |"
+        "| down vs fp32 after round 1 | final eval loss | vs fp32 sync |"
     )
-    out = [head, "|---|---|---:|---:|---:|---:|---:|---:|"]
+    out = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         base = next((b for b in rows if b["algorithm"] == r["algorithm"] and b["chain"] == "fp32"), None)
         up_ratio = r["raw_up"] / r["bytes_up"]
         down_ratio = base["bytes_down"] / r["bytes_down"] if base else float("nan")
+        later = r.get("bytes_down_after_first", r["bytes_down"])
+        later_ratio = base.get("bytes_down_after_first", base["bytes_down"]) / later if base else float("nan")
         loss_ratio = r["eval_loss"] / base["eval_loss"] if base else float("nan")
         out.append(
             f"| {r['algorithm']} | {r['chain']} | {r['bytes_up'] / 1e3:,.1f} | {up_ratio:.1f}x "
-            f"| {r['bytes_down'] / 1e3:,.1f} | {down_ratio:.1f}x | {r['eval_loss']:.4f} | {loss_ratio:.4f} |"
+            f"| {r['bytes_down'] / 1e3:,.1f} | {down_ratio:.1f}x | {later_ratio:.1f}x "
+            f"| {r['eval_loss']:.4f} | {loss_ratio:.4f} |"
         )
     return "\n".join(out)
 

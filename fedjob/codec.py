@@ -154,7 +154,7 @@ class BlockQuantizer(Quantizer):
             raise CodecError(f"quantize: rounding {rounding!r}; stochastic or nearest")
         self.bits, self.block, self.rounding = bits, block, rounding
         self.levels = (1 << (bits - 1)) - 1
-        self.name = f"q{bits}.{block}"
+        self.name = f"q{bits}.{block}" + ("n" if rounding == "nearest" else "")
         self.bytes_per_value = 1  # an upper bound, for sizing chunks; size() is exact
 
     def size(self, count: int) -> int:
@@ -339,8 +339,10 @@ def quantizer_from_name(name: str) -> Quantizer:
         return QUANTIZERS[name]()
     if name.startswith("q") and "." in name:
         bits, _, block = name[1:].partition(".")
+        nearest = block.endswith("n")
+        block = block.removesuffix("n")
         if bits.isdigit() and block.isdigit():
-            return BlockQuantizer(int(bits), int(block))
+            return BlockQuantizer(int(bits), int(block), "nearest" if nearest else "stochastic")
     raise CodecError(f"unknown codec stage {name!r}")
 
 

@@ -231,6 +231,7 @@ def test_the_spec_composes_the_chain_in_its_order() -> None:
         == "sparse+q2.64+zstd"
     )
     assert built([{"quantize": {"bits": 4}}]) == ("none", "q4.128")
+    assert built([{"quantize": {"bits": 2, "rounding": "nearest"}}]) == ("none", "q2.128n")
     assert built([{"topk": {"fraction": 0.02, "blockSize": 4096}}])[0] == "topk(fraction=0.02, block=4096)"
     assert built([{"bf16": {}}, {"zstd": {"level": 9}}]) == ("none", "bf16+zstd")
     assert built([{"zstd": {}}]) == ("none", "raw+zstd")
