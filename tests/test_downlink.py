@@ -33,13 +33,19 @@ def identical(x: State, y: State) -> bool:
     return x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
 
 
-def test_every_copy_stays_bit_identical_and_the_dropped_rest_follows_later() -> None:
+@pytest.mark.parametrize(
+    ("codec_name", "block"),
+    [("sparse+q4.128+zstd", None), ("sparse+q2.512n+zstd", 16)],  # 16: top-k per block, nearest 2-bit
+)
+def test_every_copy_stays_bit_identical_and_the_dropped_rest_follows_later(
+    codec_name: str, block: int | None
+) -> None:
     rng = np.random.default_rng(1)
     g = model(0)
     b = {k: v.copy() for k, v in g.items()}
     bid = initial_id(b)
-    codec = Codec.from_name("sparse+q4.128+zstd")
-    encoder = DownlinkEncoder(codec, 0.1, 4096)
+    codec = Codec.from_name(codec_name)
+    encoder = DownlinkEncoder(codec, 0.1, 4096, block)
     early = GlobalCopy(manifest_of(g), codec, 4096)
     early.receive(full_chunks(b, bid, 4096))
     behind = GlobalCopy(manifest_of(g), codec, 4096)
@@ -51,7 +57,7 @@ def test_every_copy_stays_bit_identical_and_the_dropped_rest_follows_later() -> 
         change = encoder.advance(b, bid, g, r)
         assert change.base == bid and change.result != bid
         bid = change.result
-        assert change.payload_bytes * 10 < raw  # a tenth of the values at 4 bits, then zstd
+        assert change.payload_bytes * 10 < raw  # a tenth of the values at 4 or 2 bits, then zstd
         early.receive(iter(change.chunks))
         assert early.id == bid and identical(early.state or {}, b)
         missed.append(change)
