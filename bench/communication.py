@@ -38,15 +38,34 @@ from fedjob.split import split_sources  # noqa: E402
 CHAINS: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]] = {
     "fp32": ([], {"codec": "none", "zstd": False}),
     "int8+zstd": ([], {"codec": "int8", "zstd": True}),
-    "q4+zstd": ([{"quantize": {"bits": 4}}, {"zstd": {}}], {}),
-    "topk10-q4": ([{"topk": {"fraction": 0.1}}, {"quantize": {"bits": 4}}, {"zstd": {}}], {}),
-    "topk5-q2": ([{"topk": {"fraction": 0.05}}, {"quantize": {"bits": 2}}, {"zstd": {}}], {}),
-    "topk2-q2": ([{"topk": {"fraction": 0.02}}, {"quantize": {"bits": 2}}, {"zstd": {}}], {}),
-    "topk25-q2": ([{"topk": {"fraction": 0.25}}, {"quantize": {"bits": 2}}, {"zstd": {}}], {}),
-    "topk25-q4": ([{"topk": {"fraction": 0.25}}, {"quantize": {"bits": 4}}, {"zstd": {}}], {}),
+    "q4+zstd": ([{"quantize": {"bits": 4, "rounding": "stochastic"}}, {"zstd": {}}], {}),
+    "topk10-q4": (
+        [{"topk": {"fraction": 0.1}}, {"quantize": {"bits": 4, "rounding": "stochastic"}}, {"zstd": {}}],
+        {},
+    ),
+    "topk5-q2": (
+        [{"topk": {"fraction": 0.05}}, {"quantize": {"bits": 2, "rounding": "stochastic"}}, {"zstd": {}}],
+        {},
+    ),
+    "topk2-q2": (
+        [{"topk": {"fraction": 0.02}}, {"quantize": {"bits": 2, "rounding": "stochastic"}}, {"zstd": {}}],
+        {},
+    ),
+    "topk25-q2": (
+        [{"topk": {"fraction": 0.25}}, {"quantize": {"bits": 2, "rounding": "stochastic"}}, {"zstd": {}}],
+        {},
+    ),
+    "topk25-q4": (
+        [{"topk": {"fraction": 0.25}}, {"quantize": {"bits": 4, "rounding": "stochastic"}}, {"zstd": {}}],
+        {},
+    ),
     # chunked top-k: a quarter of every block of 128 values
     "topk25b-q2": (
-        [{"topk": {"fraction": 0.25, "blockSize": 128}}, {"quantize": {"bits": 2}}, {"zstd": {}}],
+        [
+            {"topk": {"fraction": 0.25, "blockSize": 128}},
+            {"quantize": {"bits": 2, "rounding": "stochastic"}},
+            {"zstd": {}},
+        ],
         {},
     ),
     # nearest rounding with least-squares block scales (error feedback owes the rounding)
@@ -71,7 +90,10 @@ CHAINS: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]] = {
         {},
     ),
     # top-k keeping everything: error feedback on the 2-bit rounding alone
-    "ef-q2": ([{"topk": {"fraction": 1.0}}, {"quantize": {"bits": 2}}, {"zstd": {}}], {}),
+    "ef-q2": (
+        [{"topk": {"fraction": 1.0}}, {"quantize": {"bits": 2, "rounding": "stochastic"}}, {"zstd": {}}],
+        {},
+    ),
 }
 
 
@@ -92,9 +114,7 @@ def chain_stages(name: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     topk: dict[str, Any] = {"fraction": float(m[1]) / 100}
     if m[2]:
         topk["blockSize"] = 128
-    quantize: dict[str, Any] = {"bits": int(m[3])}
-    if m[4]:
-        quantize["rounding"] = "nearest"
+    quantize: dict[str, Any] = {"bits": int(m[3]), "rounding": "nearest" if m[4] else "stochastic"}
     if m[5]:
         quantize["blockSize"] = int(m[5])
     return [{"topk": topk}, {"quantize": quantize}, {"zstd": {"level": int(m[6])} if m[6] else {}}], {}

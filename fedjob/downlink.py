@@ -42,7 +42,7 @@ def downlink_encoder(compression: CompressionSpec) -> DownlinkEncoder | None:
         return None
     topk = next((st.topk for st in compression.downlink if st.topk is not None), None)
     return DownlinkEncoder(
-        chain_codec(compression.downlink),
+        chain_codec(compression.downlink, error_feedback=True),  # G - B owes what is rounded away
         topk.fraction if topk is not None else None,
         compression.chunk_bytes,
         topk.block_size if topk is not None else None,

@@ -389,11 +389,12 @@ class TopKStageSpec(_Spec):
 class QuantizeStageSpec(_Spec):
     bits: Literal[8, 4, 2] = Field(8, description="Bits per value: symmetric integers (2 bits: -1, 0, +1).")
     block_size: int = Field(128, ge=8, le=65536, description="Values that share one scale.")
-    rounding: Literal["stochastic", "nearest"] = Field(
-        "stochastic",
+    rounding: Literal["auto", "stochastic", "nearest"] = Field(
+        "auto",
         description="stochastic: unbiased, scale max|x|; nearest: least-squares scale and nearest "
-        "codes, about half the error but biased (for chains whose error feedback owes the rounding: "
-        "the downlink, or an uplink after topk).",
+        "codes, less than half the error at 2 bits but biased; auto: nearest where error feedback "
+        "owes the rounding to later rounds (the downlink; an uplink after topk with errorFeedback), "
+        "else stochastic.",
     )
 
 

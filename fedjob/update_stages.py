@@ -328,18 +328,26 @@ def uplink_codec(compression: CompressionSpec) -> Codec:
         sparse = any(st.topk is not None for st in compression.uplink)
         legacy = Codec.from_spec(compression.codec, compression.zstd)
         return Codec(legacy.quantizer, legacy.byte_stages, sparse)
-    return chain_codec(compression.uplink)
+    owed = any(st.topk is not None and st.topk.error_feedback for st in compression.uplink)
+    return chain_codec(compression.uplink, owed)
 
 
-def chain_codec(stages: Sequence[UplinkStageSpec]) -> Codec:
-    """The encoding a chain's stages name: sparse after top-k, its number format (raw if none), zstd."""
+def chain_codec(stages: Sequence[UplinkStageSpec], error_feedback: bool) -> Codec:
+    """The encoding a chain's stages name: sparse after top-k, its number format (raw if none), zstd.
+
+    `error_feedback`: whether what the encoding rounds away is owed to later rounds, which
+    makes nearest the rounding `auto` picks.
+    """
     sparse = any(st.topk is not None for st in stages)
     wire = [st for st in stages if st.clip is None and st.topk is None]
     quantizer: Quantizer = RawFloat32()
     byte_stages: list[Zstd] = []
     for st in wire:
         if st.quantize is not None:
-            quantizer = BlockQuantizer(st.quantize.bits, st.quantize.block_size, st.quantize.rounding)
+            rounding = st.quantize.rounding
+            if rounding == "auto":
+                rounding = "nearest" if error_feedback else "stochastic"
+            quantizer = BlockQuantizer(st.quantize.bits, st.quantize.block_size, rounding)
         elif st.fp16 is not None:
             quantizer = Float16()
         elif st.bf16 is not None:

@@ -228,10 +228,13 @@ def test_the_spec_composes_the_chain_in_its_order() -> None:
     assert built(clip_topk) == ("clip(maxNorm=2) -> topk(fraction=0.01)", "sparse+int8+zstd")
     assert (
         built([*clip_topk, {"quantize": {"bits": 2, "blockSize": 64}}, {"zstd": {}}])[1]
-        == "sparse+q2.64+zstd"
+        == "sparse+q2.64n+zstd"  # auto: nearest, since top-k's residual owes the rounding
     )
     assert built([{"quantize": {"bits": 4}}]) == ("none", "q4.128")
     assert built([{"quantize": {"bits": 2, "rounding": "nearest"}}]) == ("none", "q2.128n")
+    no_feedback = [{"topk": {"fraction": 0.1, "errorFeedback": False}}, {"quantize": {"bits": 2}}]
+    assert built(no_feedback)[1] == "sparse+q2.128"  # nothing owes the rounding: unbiased
+    assert built([*clip_topk, {"quantize": {"bits": 4, "rounding": "stochastic"}}])[1] == "sparse+q4.128"
     assert built([{"topk": {"fraction": 0.02, "blockSize": 4096}}])[0] == "topk(fraction=0.02, block=4096)"
     assert built([{"bf16": {}}, {"zstd": {"level": 9}}]) == ("none", "bf16+zstd")
     assert built([{"zstd": {}}]) == ("none", "raw+zstd")
@@ -352,7 +355,7 @@ def test_a_malformed_sparse_chunk_gets_invalid_argument_and_the_round_goes_on(
     job = one_silo_job(uplink=[{"topk": {"fraction": 0.1}}, {"quantize": {"bits": 4}}])
     with serve_live(tmp_path, job, small_state) as agg:
         codec = agg.coord.codec
-        assert codec.name == "sparse+q4.128"
+        assert codec.name == "sparse+q4.128n"  # auto rounding after error-feedback top-k: nearest
         stub = agg.stub("silo-alpha")
         stub.Join(pb.JoinRequest(expected_silo="alpha"))
         u = Update(1, {k: np.full(v.shape, 0.5, np.float32) for k, v in small_state.items()})
