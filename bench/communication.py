@@ -144,8 +144,8 @@ def main() -> None:
     p.add_argument(
         "--downlink",
         default="",
-        help="also compress the downlink with these chains (comma-separated; only their stages, "
-        "one job per chain with the same chain both ways)",
+        help="also compress the downlink (comma-separated; one job each): CHAIN runs that chain both ways, "
+        "UP:DOWN the uplink chain UP and the downlink chain DOWN (only their stages)",
     )
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -174,11 +174,17 @@ def main() -> None:
             history = run_job(args, doc, f"comm-{algorithm}-{chain}-{tag}")
             rows.append(measure(algorithm, chain, history))
         for chain in filter(None, args.downlink.split(",")):
-            uplink, legacy = chain_stages(chain)
+            up_name, _, down_name = chain.partition(":")
+            uplink, _ = chain_stages(up_name)
+            downlink = chain_stages(down_name)[0] if down_name else uplink
             doc = job_document(args, f"comm-{algorithm}", silos, args.rounds, args.seed, **agg)
-            doc["spec"]["compression"] = {"uplink": uplink, "downlink": uplink}
-            history = run_job(args, doc, f"comm-{algorithm}-{chain}-both-{tag}")
-            rows.append(measure(algorithm, f"{chain}, downlink too", history))
+            doc["spec"]["compression"] = {"uplink": uplink, "downlink": downlink}
+            if down_name:
+                history = run_job(args, doc, f"comm-{algorithm}-{up_name}-down-{down_name}-{tag}")
+                rows.append(measure(algorithm, f"{up_name}, downlink {down_name}", history))
+            else:
+                history = run_job(args, doc, f"comm-{algorithm}-{chain}-both-{tag}")
+                rows.append(measure(algorithm, f"{chain}, downlink too", history))
 
     table = render(rows)
     print("\n" + table)
