@@ -39,6 +39,8 @@ CODECS = [
     "q8.128+zstd",
     "q4.128+zstd",
     "q2.128+zstd",
+    "q4.128n+zstd",
+    "q2.128n+zstd",
 ]
 CHUNK = 1 << 20
 
@@ -92,12 +94,12 @@ def main() -> None:
                 measure(delta, "raw")
             raw_s = min(measure(delta, "raw")[2] for _ in range(3))
             print(f"\n{mode}: {params:,} trainable parameters, raw float32 update = {raw_bytes:,} bytes")
-            print(f"{'codec':<12} {'bytes':>12} {'vs raw':>8} {'rel. error':>11} {'time vs raw':>12}")
+            print(f"{'codec':<13} {'bytes':>12} {'vs raw':>8} {'rel. error':>11} {'time vs raw':>12}")
             for name in CODECS:
                 wire, rel, _ = measure(delta, name)
                 seconds = min(measure(delta, name)[2] for _ in range(3))
                 print(
-                    f"{name:<12} {wire:>12,} {raw_bytes / wire:>7.2f}x {rel:>11.2e} {seconds / raw_s:>11.2f}x"
+                    f"{name:<13} {wire:>12,} {raw_bytes / wire:>7.2f}x {rel:>11.2e} {seconds / raw_s:>11.2f}x"
                 )
 
 
