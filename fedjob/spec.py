@@ -697,6 +697,15 @@ class JobSpec(_Spec):
                 problems.append(f"compression.uplink[{i}]: {kind}: one number format per chain")
             if kind == "zstd" and i != len(kinds) - 1:
                 problems.append(f"compression.uplink[{i}]: zstd compresses the encoded bytes; it goes last")
+        owed = any(st.topk is not None and st.topk.error_feedback for st in c.uplink)
+        for i, st in enumerate(c.uplink):
+            if st.quantize is not None and st.quantize.rounding == "nearest" and not owed:
+                problems.append(
+                    f"compression.uplink[{i}].quantize.rounding: nearest is biased (values under half a "
+                    "step always round to zero); it needs a topk with errorFeedback before it to owe the "
+                    "rounding to later rounds (topk: {fraction: 1} for the rounding alone), or rounding "
+                    "stochastic"
+                )
         self._downlink_rules(problems)
         encodes = any(k not in UPDATE_STAGES for k in kinds)
         if encodes and ({"codec", "zstd"} & c.model_fields_set):

@@ -231,7 +231,8 @@ def test_the_spec_composes_the_chain_in_its_order() -> None:
         == "sparse+q2.64n+zstd"  # auto: nearest, since top-k's residual owes the rounding
     )
     assert built([{"quantize": {"bits": 4}}]) == ("none", "q4.128")
-    assert built([{"quantize": {"bits": 2, "rounding": "nearest"}}]) == ("none", "q2.128n")
+    ef_only = [{"topk": {"fraction": 1.0}}, {"quantize": {"bits": 2, "rounding": "nearest"}}]
+    assert built(ef_only)[1] == "sparse+q2.128n"
     no_feedback = [{"topk": {"fraction": 0.1, "errorFeedback": False}}, {"quantize": {"bits": 2}}]
     assert built(no_feedback)[1] == "sparse+q2.128"  # nothing owes the rounding: unbiased
     assert built([*clip_topk, {"quantize": {"bits": 4, "rounding": "stochastic"}}])[1] == "sparse+q4.128"
@@ -269,6 +270,12 @@ def test_an_uplink_encoding_and_the_codec_field_are_not_both_set() -> None:
         ([{"clip": {"maxNorm": 0}}], {}, "spec.compression.uplink[0].clip.maxNorm"),
         ([{"topk": {"fraction": 1.5}}], {}, "spec.compression.uplink[0].topk.fraction"),
         ([{"clip": {"maxNorm": 1}}, {"clip": {"maxNorm": 2}}], {}, "clip appears twice"),
+        (
+            [{"topk": {"fraction": 0.1, "errorFeedback": False}}, {"quantize": {"rounding": "nearest"}}],
+            {},
+            "compression.uplink[1].quantize.rounding: nearest is biased",
+        ),
+        ([{"quantize": {"bits": 2, "rounding": "nearest"}}], {}, "needs a topk with errorFeedback"),
         (
             [{"topk": {"fraction": 0.1}}],
             {"minSilos": 3, "robust": {"rule": "median"}},
