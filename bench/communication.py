@@ -175,10 +175,10 @@ def main() -> None:
             rows.append(measure(algorithm, chain, history))
         for chain in filter(None, args.downlink.split(",")):
             up_name, _, down_name = chain.partition(":")
-            uplink, _ = chain_stages(up_name)
+            uplink, legacy = chain_stages(up_name)
             downlink = chain_stages(down_name)[0] if down_name else uplink
             doc = job_document(args, f"comm-{algorithm}", silos, args.rounds, args.seed, **agg)
-            doc["spec"]["compression"] = {"uplink": uplink, "downlink": downlink}
+            doc["spec"]["compression"] = {**legacy, "uplink": uplink, "downlink": downlink}
             if down_name:
                 history = run_job(args, doc, f"comm-{algorithm}-{up_name}-down-{down_name}-{tag}")
                 rows.append(measure(algorithm, f"{up_name}, downlink {down_name}", history))
