@@ -8,13 +8,19 @@ bytes each silo sent and received per round, their ratio to fp32, the final eval
 (aggregator-side, on the held-out tails of the three sources) and its ratio to the fp32
 sync's with the same algorithm.
 
-    .venv/bin/python bench/communication.py                      # FedAvg and DiLoCo, every chain
-    .venv/bin/python bench/communication.py --algorithms fedavg --chains fp32,topk2-q2
+    .venv/bin/python bench/communication.py                      # FedAvg and DiLoCo, every named chain
+    .venv/bin/python bench/communication.py --algorithms fedavg --chains fp32,topk25b-q2n.512-z15 \
+        --downlink topk25b-q2n.512-z15,fp32:topk25b-q2n.512-z15 --seed 1
 
-`--downlink` runs a chain both ways: the silos then receive each round's change to the
-global model in that chain instead of the whole model in float32. The first round's
-download is always whole, so the downlink's ratio is given twice: averaged over all
-rounds, and per sync after the first (what a silo that holds the model receives).
+Besides the named chains (CHAINS), `topk<percent>[b]-q<bits>[n][.<block>][-z<level>]`
+spells top-k (b: per block of 128 values), 2/4/8-bit quantisation (n: nearest rounding,
+else stochastic; .<block>: values per scale) and zstd (its level).
+
+`--downlink` also compresses the download: CHAIN runs that chain both ways, UP:DOWN the
+uplink chain UP and the downlink chain DOWN. The silos then receive each round's change
+to the global model instead of the whole model in float32. The first round's download is
+always whole, so the downlink's ratio is given twice: averaged over all rounds, and per
+sync after the first (what a silo that holds the model receives).
 """
 
 from __future__ import annotations
