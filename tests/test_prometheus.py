@@ -46,7 +46,7 @@ def test_promtool_checks_and_unit_tests_the_alerts(tools: Path, tmp_path: Path) 
         text=True,
     )
     assert check.returncode == 0, check.stdout + check.stderr
-    assert "6 rules found" in check.stdout
+    assert "7 rules found" in check.stdout
     shutil.copy(REPO / "tests" / "prometheus" / "alerts_test.yaml", tmp_path)
     unit = subprocess.run(
         [str(tools / "promtool"), "test", "rules", "alerts_test.yaml"],
