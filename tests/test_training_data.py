@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ import numpy as np
 import pytest
 import yaml
 
+from fedjob import token_cache
 from fedjob.preflight import preflight_problems
 from fedjob.records import DataError
 from fedjob.silo_data import ALPACA_PROMPT, ExampleSet, layout, load, silo_data
@@ -441,6 +443,28 @@ def test_tokenised_data_is_cached_and_the_cache_follows_the_files(
     other = job(chat_assets / "model", {"path": str(path), "format": "chat"}, sequenceLength=32)
     with pytest.raises(AssertionError, match="tokenised again"):  # another window length truncates otherwise
         load(path, other.spec.silos[0].data, other, Refuses(chat_assets / "model"))
+
+
+def test_the_cache_keeps_to_its_size_by_dropping_the_least_recently_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FEDJOB_CACHE", str(tmp_path))
+    monkeypatch.setenv("FEDJOB_TOKEN_CACHE_BYTES", str(3 * 4096 + 2000))  # three entries, not four
+    folder = tmp_path / "tokens"
+    ids = np.arange(1024, dtype=np.int32)  # 4 KiB of ids, plus the npz headers
+    for i, name in enumerate(["a", "b", "c"]):
+        token_cache.save(name, {"ids": ids})
+        os.utime(folder / f"{name}.npz", (1000 + i, 1000 + i))  # written in this order
+    assert token_cache.load("a") is not None  # a hit: "a" is now the most recently used
+    (folder / "dead.tmp").write_bytes(b"half an entry")
+    os.utime(folder / "dead.tmp", (1, 1))  # its writer died long ago
+    token_cache.save("d", {"ids": ids})
+    assert sorted(p.name for p in folder.iterdir()) == ["a.npz", "c.npz", "d.npz"]
+    # An entry larger than the whole limit is still kept: it was just paid for.
+    monkeypatch.setenv("FEDJOB_TOKEN_CACHE_BYTES", "10")
+    token_cache.save("huge", {"ids": ids})
+    assert [p.name for p in folder.iterdir()] == ["huge.npz"]
+    assert token_cache.load("huge") is not None
 
 
 def test_an_unwritable_cache_costs_time_not_the_job(
