@@ -32,7 +32,7 @@ from rich.table import Table
 from fedjob.enrollment import Authority, FileRegistry, exchange, new_token_record
 from fedjob.errors import EXIT_PERMANENT, TERMINATION_LOG_ENV
 from fedjob.modeling import result_folder
-from fedjob.spec import FederatedJob, identity_differences, job_document, state_identity
+from fedjob.spec import FederatedJob, SpecError, identity_differences, job_document, load_job, state_identity
 from fedjob.tls import KeyPair, ca_hash, write_job_certs
 from fedjob.update_stages import uplink_codec
 from fedjob.uplink import job_uplink
@@ -132,16 +132,11 @@ class LocalRun:
         self.enrollment_port = free_port()
         # External silos make their own keys (`fedjob silo join`): none is made for them here.
         self.certs = write_job_certs(self.out / "certs", self.job.name, self.job.hosted_silos())
+        self.revoked = set(self.job.spec.revoked_silos)
         self.authority: Authority | None = None
-        if self.job.external_silos() or self.job.spec.revoked_silos:
-            self.authority = Authority(
-                self.job.name,
-                KeyPair(self.certs.ca.read_bytes(), (self.certs.root / "ca.key").read_bytes()),
-                FileRegistry(self.out / "enrollment"),
-                set(self.job.external_silos()),
-                set(self.job.spec.revoked_silos),
-                days=self.job.spec.enrollment.certificate_days,
-            )
+        if self.job.external_silos() or self.revoked:
+            self.authority = self._new_authority()
+        self._job_stamp = self._stamp()
         (self.out / "logs").mkdir(parents=True, exist_ok=True)
         base = [sys.executable, "-m", "fedjob_cli.main"]
         self.aggregator = Proc(
@@ -184,7 +179,7 @@ class LocalRun:
                 self.out / "logs" / f"silo-{s.name}.log",
             )
             for s in self.job.spec.silos
-            if not s.external and s.name not in self.job.spec.revoked_silos  # revoked: refused anyway
+            if not s.external
         ]
         # All silos share this machine: without a cap each process starts one busy-waiting
         # OpenMP thread per core and a round takes ten times longer.
@@ -198,6 +193,67 @@ class LocalRun:
         creds = grpc.ssl_channel_credentials(ca, key, cert)
         self.channel = grpc.secure_channel(f"127.0.0.1:{self.port}", creds)
         self.stub = pb_grpc.FederatedTrainingStub(self.channel)
+
+    def _new_authority(self) -> Authority:
+        """Signs external silos' certificates and tells the aggregator whom to refuse."""
+        return Authority(
+            self.job.name,
+            KeyPair(self.certs.ca.read_bytes(), (self.certs.root / "ca.key").read_bytes()),
+            FileRegistry(self.out / "enrollment"),
+            set(self.job.external_silos()),
+            set(self.revoked),
+            days=self.job.spec.enrollment.certificate_days,
+        )
+
+    def _running_silos(self) -> int:
+        return sum(w.name not in self.revoked for w in self.workers)
+
+    def _stamp(self) -> int:
+        try:
+            return self.job_file.stat().st_mtime_ns
+        except OSError:
+            return 0
+
+    def _follow_revocations(self, running: bool) -> None:
+        """spec.revokedSilos may change while the job runs, as in a cluster: follow the file.
+
+        A newly revoked silo is refused by the aggregator from its next call on (the next
+        sync) and, if it runs here, stopped; one taken off the list may call again (a hosted
+        one is started again). Other changes to the file are not followed.
+        """
+        stamp = self._stamp()
+        if stamp == self._job_stamp:
+            return
+        self._job_stamp = stamp
+        try:
+            revoked = set(load_job(self.job_file).spec.revoked_silos)
+        except SpecError as exc:
+            self.console.print(f"[yellow]{self.job_file} changed and does not load; ignored: {exc}[/]")
+            return
+        if revoked == self.revoked:
+            return
+        unknown = revoked - {s.name for s in self.job.spec.silos}
+        if unknown:
+            self.console.print(
+                f"[yellow]spec.revokedSilos names no silo of this job: {sorted(unknown)}; ignored[/]"
+            )
+            return
+        for w in self.workers:
+            if w.name in revoked - self.revoked:
+                w.stop()
+            elif w.name in self.revoked - revoked and running:
+                w.restarts, w.exited_at = 0, None
+                w.start()
+        for silo in sorted(revoked - self.revoked):
+            self.console.print(
+                f"[yellow]silo {silo} is revoked (spec.revokedSilos): its calls are refused[/]"
+            )
+        for silo in sorted(self.revoked - revoked):
+            self.console.print(f"silo {silo} is no longer revoked")
+        self.revoked = revoked
+        if self.authority is None:
+            self.authority = self._new_authority()
+        self.authority.revoked = set(revoked)
 
     def tokens(self) -> dict[str, Path]:
         """A bootstrap token file per external silo that has none it could still use."""
@@ -253,7 +309,7 @@ class LocalRun:
     def run(self) -> int:
         started = time.time()
         self.console.print(
-            f"[bold]fedjob run[/] job [cyan]{self.job.name}[/]: {len(self.workers)} silos, "
+            f"[bold]fedjob run[/] job [cyan]{self.job.name}[/]: {self._running_silos()} silos, "
             f"{self.job.spec.rounds} rounds, mode {self.job.spec.training.mode}, "
             f"ZeRO-{self.job.spec.training.deepspeed.zero_stage}, uplink {self._uplink()}; "
             f"output in {self.out}"
@@ -280,7 +336,8 @@ class LocalRun:
             )
         self.aggregator.start()
         for w in self.workers:
-            w.start()
+            if w.name not in self.revoked:  # refused anyway
+                w.start()
         for silo, path in self.tokens().items():
             self.console.print(
                 f"silo [cyan]{silo}[/] is external: it joins with `fedjob silo join` (aggregator "
@@ -305,6 +362,7 @@ class LocalRun:
                 live.start()
             while True:
                 time.sleep(0.5)
+                self._follow_revocations(last is None or last.phase == "Running")
                 self._sync_enrollments()
                 st = self.status()
                 last = st or last
@@ -346,7 +404,7 @@ class LocalRun:
             # interrupted they are still waiting for the next round, so stop them at once.
             deadline = time.time() + (0 if interrupted else 30)
             for w in self.workers:
-                while w.poll() is None and time.time() < deadline:
+                while w.popen is not None and w.poll() is None and time.time() < deadline:
                     time.sleep(0.2)
                 w.stop()
             self.aggregator.stop()
@@ -374,6 +432,8 @@ class LocalRun:
         for w in self.workers:
             rc = w.poll()
             if rc is None or rc in (0, EXIT_PERMANENT) or w.restarts >= self.max_restarts:
+                continue
+            if w.name in self.revoked:
                 continue
             # Back off like a Kubernetes Job: 10 s, 20 s, 40 s ... (at most 5 minutes).
             w.exited_at = w.exited_at or time.time()
@@ -410,7 +470,7 @@ class LocalRun:
 
     def _view(self, st: pb.JobStatus | None, started: float) -> Group:
         if st is None:
-            return Group(f"starting the aggregator and {len(self.workers)} silos ...")
+            return Group(f"starting the aggregator and {self._running_silos()} silos ...")
         head = Table.grid(padding=(0, 1))
         head.add_row(
             f"round {st.round}/{st.total_rounds}",

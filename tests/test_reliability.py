@@ -261,6 +261,45 @@ def test_a_silo_killed_mid_round_is_left_out_and_rejoins_a_later_round(assets: P
 
 
 @pytest.mark.slow
+def test_a_silo_revoked_while_the_job_runs_is_stopped_and_no_longer_awaited(
+    assets: Path, tmp_path: Path
+) -> None:
+    # A long deadline: were the revoked silo still awaited, every later round would wait it out
+    # and list it as missing.
+    job = write_job(
+        tmp_path,
+        assets,
+        ["code", "docs", "unicode"],
+        rounds=5,
+        aggregation={"minSilos": 2, "roundDeadlineSeconds": 600},
+    )
+    out = tmp_path / "out"
+    run = start_run(job, out)
+    try:
+        wait_for_rounds(run, out, 1, tmp_path / "run.log")
+        doc = yaml.safe_load(job.read_text())
+        doc["spec"]["revokedSilos"] = ["unicode"]  # as `kubectl patch` would in a cluster
+        job.write_text(yaml.safe_dump(doc))
+        revoked_after = len(rounds_in(out))
+        assert run.wait(600) == 0, (tmp_path / "run.log").read_text()[-3000:]
+    finally:
+        if run.poll() is None:
+            run.kill()
+    log = (tmp_path / "run.log").read_text()
+    assert "silo unicode is revoked (spec.revokedSilos)" in log, log[-3000:]
+    assert "silo unicode is revoked: its calls are refused" in (out / "logs" / "aggregator.log").read_text()
+    assert "restarting it" not in log  # stopped for good, not retried like a crash
+    history = rounds_in(out)
+    assert [r["round"] for r in history] == [1, 2, 3, 4, 5]
+    # The round in flight when the file changed may still count unicode's update; every later
+    # one closes with the other two, not waiting for it and not counting it as missing.
+    later = [r for r in history if r["round"] > revoked_after + 1]
+    assert later, history
+    for r in later:
+        assert r["participants"] == ["code", "docs"] and r["missing"] == [], r
+
+
+@pytest.mark.slow
 def test_a_rank_that_dies_takes_its_silo_down_and_the_silo_is_retried(assets: Path, tmp_path: Path) -> None:
     # The ranks meet in collectives: the survivor must not be left waiting for a dead peer.
     job = write_job(

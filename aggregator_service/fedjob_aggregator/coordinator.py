@@ -93,6 +93,7 @@ class Coordinator:
         self.sample = CoordinateSample(self.manifest, seed=job.spec.training.seed)
         self.cond = threading.Condition()
         self.silos = {s: SiloState() for s in job.silo_names()}
+        self.revoked: frozenset[str] = frozenset()  # silos the owner revoked: neither sampled nor awaited
         self.claims = Claims(job)
         self.uploads = UploadProtocol(
             cond=self.cond,
@@ -233,7 +234,7 @@ class Coordinator:
         waiting = self._first_round and len(self.seen) < self.spec.aggregation.min_silos
         self._first_round = False
         evaluation_only = number > self.final_round
-        sampled = frozenset(self.silos) if evaluation_only else self._sample(number)
+        sampled = frozenset(self.silos) - self.revoked if evaluation_only else self._sample(number)
         self.current = RoundState(
             number=number,
             opened=now,
@@ -246,15 +247,34 @@ class Coordinator:
         self._spare = None
         for name, s in self.silos.items():
             s.progress = ""
-            if s.state != "absent":
+            if s.state not in ("absent", "revoked"):
                 s.state = "waiting" if name in sampled else "resting"
         log.info("round %d open (deadline in %.0f s)", number, self.spec.aggregation.round_deadline_seconds)
         self.observe("round_open", {"round": number})
         self.cond.notify_all()
 
+    def revoke(self, silos: frozenset[str]) -> None:
+        """The owner's revocations as they stand: a revoked silo is no longer sampled, and the
+        open round stops waiting for it (an update it already delivered still counts)."""
+        with self.cond:
+            silos = silos & frozenset(self.silos)
+            if silos == self.revoked:
+                return
+            for name, st in self.silos.items():
+                if name in silos:
+                    st.state = "revoked"
+                elif st.state == "revoked":
+                    st.state = "absent"  # may call again; counted once it does
+            self.revoked = silos
+            rnd = self.current
+            if rnd is not None and not rnd.closing:
+                rnd.sampled = rnd.sampled - (silos - rnd.reported.keys())
+            self.cond.notify_all()
+
     def _sample(self, number: int) -> frozenset[str]:
-        """The silos that train in round `number`: aggregation.silosPerRound of them, uniformly."""
-        names = list(self.silos)
+        """The silos that train in round `number`: aggregation.silosPerRound of them, uniformly
+        (of those not revoked)."""
+        names = [n for n in self.silos if n not in self.revoked]
         k = self.spec.silos_per_round
         if k >= len(names):
             return frozenset(names)

@@ -50,12 +50,13 @@ class Ledger:
 
 
 class EnrollmentDesk:
-    def __init__(self, path: Path | None, external: Iterable[str]) -> None:
+    def __init__(self, path: Path | None, external: Iterable[str], revoked: Iterable[str] = ()) -> None:
+        """`revoked`: the spec's revokedSilos, enforced until the owner's first sync says more."""
         self.path = path
         self.external = frozenset(external)
         self._lock = threading.Lock()
         self._waiting: dict[str, _Waiting] = {}
-        self.ledger = Ledger(frozenset(), frozenset())
+        self.ledger = Ledger(frozenset(), frozenset(revoked))
         if path is not None and path.exists():
             saved = json.loads(path.read_text())
             self.ledger = Ledger(frozenset((s, n) for s, n in saved["valid"]), frozenset(saved["revoked"]))

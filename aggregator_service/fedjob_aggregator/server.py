@@ -187,7 +187,8 @@ def serve(job: FederatedJob, opts: AggregatorOptions) -> int:
         manifest=hooks.manifest,
     )
     metrics.round.labels(metrics.job).set(coord.completed)
-    desk = EnrollmentDesk(opts.workdir / "certificates.json", job.external_silos())
+    desk = EnrollmentDesk(opts.workdir / "certificates.json", job.external_silos(), job.spec.revoked_silos)
+    coord.revoke(desk.ledger.revoked)
     servicer = FederatedTrainingServicer(job, coord, metrics, desk=desk)
     server, port, health_servicer = build_server(job, servicer, CertFiles(opts.certs), opts.host, opts.port)
     enrollment: grpc.Server | None = None
@@ -231,7 +232,7 @@ def serve(job: FederatedJob, opts: AggregatorOptions) -> int:
     else:
         end = time.time() + opts.linger_seconds
         while time.time() < end and not stop.is_set():
-            if all(s.state in ("done", "absent") for s in coord.silos.values()):
+            if all(s.state in ("done", "absent", "revoked") for s in coord.silos.values()):
                 break
             time.sleep(0.2)
     for name in ("", SERVICE):

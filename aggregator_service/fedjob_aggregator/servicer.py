@@ -40,7 +40,7 @@ class FederatedTrainingServicer(pb_grpc.FederatedTrainingServicer):
         self.job = job
         self.coord = coordinator
         self.metrics = metrics
-        self.desk = desk or EnrollmentDesk(None, job.external_silos())
+        self.desk = desk or EnrollmentDesk(None, job.external_silos(), job.spec.revoked_silos)
         self.admission = Admission()
         deadlines = job.spec.aggregator.streams
         self.watch = watch or IdleWatch(deadlines.header_seconds, deadlines.idle_seconds)
@@ -271,7 +271,9 @@ class FederatedTrainingServicer(pb_grpc.FederatedTrainingServicer):
                 grpc.StatusCode.PERMISSION_DENIED, f"only the job's owner may; caller is {ident.uri}"
             )
         with self._admitted(context, "observer/enrollment", "status"):
-            return self.desk.sync(request)
+            pending = self.desk.sync(request)
+        self.coord.revoke(self.desk.ledger.revoked)
+        return pending
 
     def GetStatus(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.JobStatus:
         ident = self._identity(context)
