@@ -248,6 +248,7 @@ class Federation:
     enrollment: str
     desk: EnrollmentDesk
     metrics: AggregatorMetrics
+    coord: Coordinator
 
     def counted(self, kind: str, outcome: str) -> float:
         labels = {"federatedjob": JOB, "kind": kind, "outcome": outcome}
@@ -282,7 +283,9 @@ def federation(tmp_path: Path, owner_running: bool = True) -> Iterator[Federatio
     enrollment, enrollment_port = build_enrollment_server(job, desk, ca.cert_pem, metrics, "127.0.0.1", 0)
     server.start()
     enrollment.start()
-    fed = Federation(certs, authority, f"127.0.0.1:{port}", f"127.0.0.1:{enrollment_port}", desk, metrics)
+    fed = Federation(
+        certs, authority, f"127.0.0.1:{port}", f"127.0.0.1:{enrollment_port}", desk, metrics, coord
+    )
     stop = threading.Event()
 
     def owner() -> None:  # what the operator does every sync
@@ -411,6 +414,14 @@ def test_revocation_and_reenrollment_refuse_the_old_certificate_from_the_next_ca
             assert "revoked" in (exc.details() or "")
         with pytest.raises(EnrollmentFailed, match="revoked"):
             _enroll(fed, token_for(fed.authority))
+        # Rounds no longer sample or wait for it, and the status says why.
+        states = {s.name: s.state for s in fed.coord.status().silos}
+        assert states["beta"] == "revoked" and fed.coord.revoked == {"beta"}
+        assert fed.coord.current is None or "beta" not in fed.coord.current.sampled
+        fed.authority.revoked.discard("beta")  # taken off the list: it may call again
+        fed.sync_once()
+        assert fed.coord.revoked == frozenset()
+        assert _join(fed, renewed, key_pem(fresh)) is None
 
 
 def test_the_aggregator_keeps_the_ledger_across_a_restart(tmp_path: Path) -> None:
