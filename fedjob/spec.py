@@ -455,6 +455,11 @@ class CompressionSpec(_Spec):
     zstd: bool = Field(True, description="zstd after codec, when uplink names no encoding.")
     chunk_bytes: int = Field(1 << 20, ge=4096, le=4 << 20, description="Largest chunk payload on the wire.")
 
+    @property
+    def uplink_error_feedback(self) -> bool:
+        """Whether the uplink keeps a residual that owes the encoding's rounding to later rounds."""
+        return any(st.topk is not None and st.topk.error_feedback for st in self.uplink)
+
 
 class StreamDeadlinesSpec(_Spec):
     """How long the aggregator holds a quiet upload stream before it cancels it and frees its slot."""
@@ -697,9 +702,8 @@ class JobSpec(_Spec):
                 problems.append(f"compression.uplink[{i}]: {kind}: one number format per chain")
             if kind == "zstd" and i != len(kinds) - 1:
                 problems.append(f"compression.uplink[{i}]: zstd compresses the encoded bytes; it goes last")
-        owed = any(st.topk is not None and st.topk.error_feedback for st in c.uplink)
         for i, st in enumerate(c.uplink):
-            if st.quantize is not None and st.quantize.rounding == "nearest" and not owed:
+            if st.quantize is not None and st.quantize.rounding == "nearest" and not c.uplink_error_feedback:
                 problems.append(
                     f"compression.uplink[{i}].quantize.rounding: nearest is biased (values under half a "
                     "step always round to zero); it needs a topk with errorFeedback before it to owe the "

@@ -328,8 +328,7 @@ def uplink_codec(compression: CompressionSpec) -> Codec:
         sparse = any(st.topk is not None for st in compression.uplink)
         legacy = Codec.from_spec(compression.codec, compression.zstd)
         return Codec(legacy.quantizer, legacy.byte_stages, sparse)
-    owed = any(st.topk is not None and st.topk.error_feedback for st in compression.uplink)
-    return chain_codec(compression.uplink, owed)
+    return chain_codec(compression.uplink, compression.uplink_error_feedback)
 
 
 def chain_codec(stages: Sequence[UplinkStageSpec], error_feedback: bool) -> Codec:
