@@ -4,7 +4,6 @@ the sync loop (fedjob_operator.sync_loop) does it again for every object the wat
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from typing import Any
 
@@ -73,22 +72,10 @@ def _record_phase(namespace: str, name: str, phase: str | None) -> None:
         JOBS.labels(ns, p).set(sum(1 for (n, _), q in _phases.items() if n == ns and q == p))
 
 
-_locks: dict[tuple[str, str], threading.Lock] = {}
-_locks_guard = threading.Lock()
-
-
-def _lock(body: Any) -> threading.Lock:
-    """One reconcile of an object at a time: Kopf's handlers and the sync thread take turns."""
-    key = (body["metadata"]["namespace"], body["metadata"]["name"])
-    with _locks_guard:
-        return _locks.setdefault(key, threading.Lock())
-
-
 def reconcile(body: Any, patch: kopf.Patch) -> None:
     started = time.monotonic()
     try:
-        with _lock(body):
-            _reconcile(body, patch)
+        _reconcile(body, patch)
         RECONCILES.labels("ok").inc()
     except Exception:
         RECONCILES.labels("error").inc()
