@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from fedjob_operator.reconcile import status_from
-from fedjob_operator.sync_loop import Known
 
 from fedjob.spec import parse_job
 from fedjob.v1 import fedjob_pb2 as pb
@@ -79,6 +78,8 @@ def test_epsilon_and_a_budget_stop_reach_the_status_and_its_succeeded_condition(
 
 
 def test_the_periodic_sync_walks_what_the_watch_saw_once_settled_and_drops_the_deleted() -> None:
+    from fedjob_operator.sync_loop import Known
+
     known = Known()
     body = {"metadata": {"namespace": "ml", "name": "fed"}}
     known.saw("federatedjobs", {"type": "ADDED"}, body)
