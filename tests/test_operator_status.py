@@ -75,17 +75,3 @@ def test_epsilon_and_a_budget_stop_reach_the_status_and_its_succeeded_condition(
     assert later["privacy"] == done["privacy"]
     cond = next(c for c in later["conditions"] if c["type"] == "Succeeded")
     assert (cond["reason"], cond["message"]) == ("PrivacyBudgetSpent", message)
-
-
-def test_the_periodic_sync_walks_what_the_watch_saw_once_settled_and_drops_the_deleted() -> None:
-    from fedjob_operator.sync_loop import Known
-
-    known = Known()
-    body = {"metadata": {"namespace": "ml", "name": "fed"}}
-    known.saw("federatedjobs", {"type": "ADDED"}, body)
-    known.saw("federatedjobs", {"type": "MODIFIED"}, body)
-    assert known.snapshot() == [("federatedjobs", "ml", "fed")]
-    # Just created: its creation handler is still at work, the sync leaves it alone a while.
-    assert known.snapshot(settled=60) == []
-    known.saw("federatedjobs", {"type": "DELETED"}, body)
-    assert known.snapshot() == []
