@@ -1,5 +1,4 @@
-"""Kopf handlers: on create/resume, reconcile the children and refresh status; every few seconds
-the sync loop (fedjob_operator.sync_loop) does it again for every object the watch has seen."""
+"""Kopf handlers: on create/resume and every few seconds, reconcile the children and refresh status."""
 
 from __future__ import annotations
 
@@ -9,16 +8,15 @@ from typing import Any
 
 import kopf
 import yaml
-from kubernetes import client, config
+from kubernetes import config
 from prometheus_client import Counter, Gauge, Histogram
 
 from fedjob.crd import GROUP, PLURAL, SILO_PLURAL, VERSION
 from fedjob.spec import FederatedJob, SpecError, parse_job
 from fedjob_operator.children import Images
-from fedjob_operator.kube import Apis, post_event
+from fedjob_operator.kube import Apis
 from fedjob_operator.reconcile import JobReconciler, invalid_status, spec_hash, status_from
 from fedjob_operator.silo_side import SiloReconciler, reconcile_silo
-from fedjob_operator.sync_loop import Known, SyncLoop
 
 log = logging.getLogger("fedjob.operator")
 TERMINAL = ("Succeeded", "Failed")
@@ -57,7 +55,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 def _emit(body: Any) -> Any:
     def emit(kind: str, reason: str, message: str) -> None:
-        post_event(apis().core, dict(body), kind, reason, message)
+        kopf.event(body, type=kind, reason=reason, message=message)
 
     return emit
 
@@ -184,11 +182,15 @@ def on_change(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
     reconcile(body, patch)
 
 
-# Watch events, not on.delete handlers or timers: those add a finalizer, and a FederatedJob
-# could then not be deleted while the operator is down (sync_loop says more).
+@kopf.timer(GROUP, VERSION, PLURAL, interval=SYNC_SECONDS, initial_delay=SYNC_SECONDS)
+def sync(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    reconcile(body, patch)
+
+
+# A watch event, not an on.delete handler: that would add a finalizer, and a
+# FederatedJob could then not be deleted while the operator is down.
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def seen(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
-    KNOWN.saw(PLURAL, dict(event), dict(body))
+def forget(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
     if event.get("type") == "DELETED":
         _record_phase(body["metadata"]["namespace"], body["metadata"]["name"], None)
 
@@ -203,7 +205,9 @@ def reconcile_federated_silo(body: Any, patch: kopf.Patch) -> None:
     if status != old:
         if status.get("phase") != old.get("phase"):
             kind = "Warning" if status["phase"] == "Failed" else "Normal"
-            post_event(apis().core, body, kind, status["phase"], status.get("message", "") or status["phase"])
+            kopf.event(
+                body, type=kind, reason=status["phase"], message=status.get("message", "") or status["phase"]
+            )
         patch.status.update(status)
 
 
@@ -213,19 +217,6 @@ def on_silo(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
     reconcile_federated_silo(body, patch)
 
 
-@kopf.on.event(GROUP, VERSION, SILO_PLURAL)
-def silo_seen(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
-    KNOWN.saw(SILO_PLURAL, dict(event), dict(body))
-
-
-KNOWN = Known()
-
-
-def sync_loop() -> SyncLoop:
-    """The periodic sync of everything the watch has seen (main starts and stops it)."""
-    return SyncLoop(
-        KNOWN,
-        {PLURAL: reconcile, SILO_PLURAL: reconcile_federated_silo},
-        SYNC_SECONDS,
-        lambda: client.CustomObjectsApi(apis().core.api_client),
-    )
+@kopf.timer(GROUP, VERSION, SILO_PLURAL, interval=SYNC_SECONDS, initial_delay=SYNC_SECONDS)
+def sync_silo(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    reconcile_federated_silo(body, patch)
