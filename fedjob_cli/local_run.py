@@ -57,7 +57,8 @@ class Proc:
 
     @property
     def reason_path(self) -> Path:
-        """Where the component leaves the reason of a failure no restart can fix (exit code 2)."""
+        """Where the component leaves the reason of a failure no restart can fix (exit code 2), or
+        a silo its outcome (read only on exit code 2)."""
         return self.log_path.with_suffix(".reason")
 
     def permanent_failure(self) -> str | None:

@@ -75,3 +75,26 @@ def test_epsilon_and_a_budget_stop_reach_the_status_and_its_succeeded_condition(
     assert later["privacy"] == done["privacy"]
     cond = next(c for c in later["conditions"] if c["type"] == "Succeeded")
     assert (cond["reason"], cond["message"]) == ("PrivacyBudgetSpent", message)
+
+
+def test_a_federated_silo_ends_with_its_workers_own_outcome_when_the_aggregator_has_gone() -> None:
+    """The silo operator's last look at the aggregator may be a round old when the job ends; the
+    worker's termination message (written as it leaves) is what the status ends with."""
+    from fedjob_operator.silo_side import silo_status
+
+    from fedjob.silo_outcome import SiloOutcome
+
+    last_look = {"round": 0, "progress": "0/2", "jobPhase": "Running", "state": "training"}
+    outcome = SiloOutcome.from_message(SiloOutcome(2, 2, "Succeeded").to_message())
+    assert outcome == SiloOutcome(2, 2, "Succeeded")
+    status = silo_status(last_look, "Succeeded", "Running", "", outcome=outcome)
+    assert (status["progress"], status["round"], status["jobPhase"], status["state"]) == (
+        "2/2",
+        2,
+        "Succeeded",
+        "done",
+    )
+    # Without an outcome the last look stays; other termination messages are no outcome.
+    assert silo_status(last_look, "Succeeded", "Running", "")["progress"] == "0/2"
+    for text in ("", "invalid FederatedJob\nspec.rounds: must be > 0", "[1, 2]", '{"kind": "other"}'):
+        assert SiloOutcome.from_message(text) is None

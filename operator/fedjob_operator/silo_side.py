@@ -21,6 +21,7 @@ from cryptography import x509
 
 from fedjob.enrollment import BootstrapToken, Issued, load_key, needs_renewal
 from fedjob.enrollment_client import EnrollmentFailed, channel, enroll, fetch_job, renew
+from fedjob.silo_outcome import SiloOutcome
 from fedjob.silo_spec import FederatedSilo, job_for_silo
 from fedjob.spec import FederatedJob, SpecError
 from fedjob.tls import key_pem, new_key
@@ -191,6 +192,18 @@ class SiloReconciler:
     def worker_state(self) -> str:
         return job_state(read_or_none(self.apis.batch.read_namespaced_job, self.n["worker"], self.ns))
 
+    def worker_outcome(self) -> SiloOutcome | None:
+        """The record a worker pod that saw the job end left as its termination message."""
+        pods = self.apis.core.list_namespaced_pod(self.ns, label_selector=f"job-name={self.n['worker']}")
+        for p in pods.items:
+            for cs in (p.status.container_statuses or []) if p.status else []:
+                t = cs.state.terminated if cs.state is not None else None
+                if t is not None and t.exit_code == 0:
+                    outcome = SiloOutcome.from_message(t.message or "")
+                    if outcome is not None:
+                        return outcome
+        return None
+
     @contextlib.contextmanager
     def _stub(
         self, silo: FederatedSilo, issued: Issued, key: bytes
@@ -227,6 +240,7 @@ def silo_status(
     issued: Issued | None = None,
     view: pb.JobStatus | None = None,
     silo: str = "",
+    outcome: SiloOutcome | None = None,
 ) -> dict[str, Any]:
     status: dict[str, Any] = {"phase": phase, "enrolled": issued is not None}
     if issued is not None:
@@ -243,6 +257,11 @@ def silo_status(
         for kept in ("round", "progress", "jobPhase", "state", "lastRound"):
             if kept in old:
                 status[kept] = old[kept]
+    if outcome is not None:  # the worker's own last word outlives the aggregator
+        status["round"] = outcome.round
+        status["progress"] = f"{outcome.round}/{outcome.total_rounds}"
+        status["jobPhase"] = outcome.job_phase
+        status["state"] = "done"
     if phase in ("Succeeded", "Failed"):
         status["completionTime"] = old.get("completionTime") or now()
     status["conditions"] = merge_conditions(
@@ -291,8 +310,16 @@ def reconcile_silo(r: SiloReconciler, old: dict[str, Any]) -> dict[str, Any]:
         r.emit("Normal", "Created", f"created Job/{r.n['worker']}")
     worker = r.worker_state()
     view = r.aggregator_view(silo, issued, key)
+    outcome = r.worker_outcome() if worker == "Succeeded" else None
     phase = {"Succeeded": "Succeeded", "Failed": "Failed"}.get(worker, "Running")
     message = "the worker exhausted its retries" if worker == "Failed" else ""
     return silo_status(
-        old, phase, "WorkerFailed" if worker == "Failed" else "Running", message, issued, view, silo.spec.silo
+        old,
+        phase,
+        "WorkerFailed" if worker == "Failed" else "Running",
+        message,
+        issued,
+        view,
+        silo.spec.silo,
+        outcome,
     )

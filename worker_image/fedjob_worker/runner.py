@@ -21,6 +21,7 @@ import numpy as np
 from fedjob.chunking import State, TensorInfo
 from fedjob.codec import DOWNLOAD_CODEC, Codec
 from fedjob.downlink import GlobalCopy, downlink_encoder
+from fedjob.silo_outcome import SiloOutcome
 from fedjob.spec import FederatedJob
 from fedjob.stage_state import StageStateStore, StatefulUplink
 from fedjob.strategies import make_strategy
@@ -214,13 +215,16 @@ def _rank_main(job: FederatedJob, opts: WorkerOptions, rank: int, world: int, po
             box[0] = (task.state, task.round, task.message)
         dist.broadcast_object_list(box, src=0)
         state, round_number, message = box[0]
-        if state == pb.Task.DONE:
-            log.info("job finished after round %d", round_number)
-            break
-        if state == pb.Task.FAILED:
-            # The job's failure is the aggregator's to report; a non-zero exit here
-            # would only make Kubernetes retry a silo that did nothing wrong.
-            log.error("the job failed at the aggregator: %s", message)
+        if state in (pb.Task.DONE, pb.Task.FAILED):
+            if state == pb.Task.DONE:
+                log.info("job finished after round %d", round_number)
+            else:
+                # The job's failure is the aggregator's to report; a non-zero exit here
+                # would only make Kubernetes retry a silo that did nothing wrong.
+                log.error("the job failed at the aggregator: %s", message)
+            if client is not None:
+                phase = "Succeeded" if state == pb.Task.DONE else "Failed"
+                SiloOutcome(round_number, reply.total_rounds, phase).write()
             break
         ok: list[Any] = [True]
         received: State | None = None
