@@ -63,6 +63,10 @@ report = {
     "frozen": len(frozen_before),
 }
 open(out, "w").write(json.dumps(report))
+# The silo's own teardown order: engines first, then the process group (left to atexit,
+# DeepSpeed's shared-memory communicator can abort the process).
+live.close()
+fresh.close()
 import torch.distributed as dist
 dist.destroy_process_group()
 """

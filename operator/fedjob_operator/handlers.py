@@ -1,4 +1,5 @@
-"""Kopf handlers: on create/resume and every few seconds, reconcile the children and refresh status."""
+"""Kopf handlers: on create/resume, reconcile the children and refresh status; every few seconds
+the sync loop (fedjob_operator.sync_loop) does it again for every object the watch has seen."""
 
 from __future__ import annotations
 
@@ -8,15 +9,16 @@ from typing import Any
 
 import kopf
 import yaml
-from kubernetes import config
+from kubernetes import client, config
 from prometheus_client import Counter, Gauge, Histogram
 
 from fedjob.crd import GROUP, PLURAL, SILO_PLURAL, VERSION
 from fedjob.spec import FederatedJob, SpecError, parse_job
 from fedjob_operator.children import Images
-from fedjob_operator.kube import Apis
+from fedjob_operator.kube import Apis, post_event
 from fedjob_operator.reconcile import JobReconciler, invalid_status, spec_hash, status_from
 from fedjob_operator.silo_side import SiloReconciler, reconcile_silo
+from fedjob_operator.sync_loop import Known, SyncLoop
 
 log = logging.getLogger("fedjob.operator")
 TERMINAL = ("Succeeded", "Failed")
@@ -58,7 +60,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 def _emit(body: Any) -> Any:
     def emit(kind: str, reason: str, message: str) -> None:
-        kopf.event(body, type=kind, reason=reason, message=message)
+        post_event(apis().core, dict(body), kind, reason, message)
 
     return emit
 
@@ -185,15 +187,11 @@ def on_change(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
     reconcile(body, patch)
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=SYNC_SECONDS, initial_delay=SYNC_SECONDS)
-def sync(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-    reconcile(body, patch)
-
-
-# A watch event, not an on.delete handler: that would add a finalizer, and a
-# FederatedJob could then not be deleted while the operator is down.
+# Watch events, not on.delete handlers or timers: those add a finalizer, and a FederatedJob
+# could then not be deleted while the operator is down (sync_loop says more).
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def forget(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+def seen(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+    KNOWN.saw(PLURAL, dict(event), dict(body))
     if event.get("type") == "DELETED":
         _record_phase(body["metadata"]["namespace"], body["metadata"]["name"], None)
 
@@ -208,9 +206,7 @@ def reconcile_federated_silo(body: Any, patch: kopf.Patch) -> None:
     if status != old:
         if status.get("phase") != old.get("phase"):
             kind = "Warning" if status["phase"] == "Failed" else "Normal"
-            kopf.event(
-                body, type=kind, reason=status["phase"], message=status.get("message", "") or status["phase"]
-            )
+            post_event(apis().core, body, kind, status["phase"], status.get("message", "") or status["phase"])
         patch.status.update(status)
 
 
@@ -220,6 +216,19 @@ def on_silo(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
     reconcile_federated_silo(body, patch)
 
 
-@kopf.timer(GROUP, VERSION, SILO_PLURAL, interval=SYNC_SECONDS, initial_delay=SYNC_SECONDS)
-def sync_silo(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-    reconcile_federated_silo(body, patch)
+@kopf.on.event(GROUP, VERSION, SILO_PLURAL)
+def silo_seen(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+    KNOWN.saw(SILO_PLURAL, dict(event), dict(body))
+
+
+KNOWN = Known()
+
+
+def sync_loop() -> SyncLoop:
+    """The periodic sync of everything the watch has seen (main starts and stops it)."""
+    return SyncLoop(
+        KNOWN,
+        {PLURAL: reconcile, SILO_PLURAL: reconcile_federated_silo},
+        SYNC_SECONDS,
+        lambda: client.CustomObjectsApi(apis().core.api_client),
+    )

@@ -7,6 +7,7 @@ at any moment converges without duplicates.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -100,3 +101,33 @@ def job_state(job: Any | None) -> str:
     if conds.get("Complete") == "True" or (st and st.succeeded):
         return "Succeeded"
     return "Active" if st and st.active else "Pending"
+
+
+def post_event(core: client.CoreV1Api, body: dict[str, Any], kind: str, reason: str, message: str) -> None:
+    """A core/v1 Event about `body`, as `kubectl describe` shows it (posted directly, so that it
+    works from the sync thread as well as from a Kopf handler)."""
+    meta = body["metadata"]
+    stamp = dt.datetime.now(dt.UTC)
+    event = {
+        "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+        "involvedObject": {
+            "apiVersion": body.get("apiVersion", ""),
+            "kind": body.get("kind", ""),
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "uid": meta.get("uid", ""),
+        },
+        "type": kind,
+        "reason": reason,
+        "message": message[:1024],
+        "source": {"component": "fedjob-operator"},
+        "firstTimestamp": stamp.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "lastTimestamp": stamp.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "count": 1,
+        "reportingComponent": "fedjob-operator",
+    }
+    try:
+        create: Callable[..., Any] = core.create_namespaced_event  # takes a plain manifest
+        create(meta["namespace"], event)
+    except ApiException as exc:  # an event lost costs a line in `describe`, never the reconcile
+        logging.getLogger("fedjob.operator").warning("event %s not posted: %s", reason, exc.reason)

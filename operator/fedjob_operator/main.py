@@ -8,7 +8,7 @@ import logging
 import kopf
 from prometheus_client import start_http_server
 
-from fedjob_operator import handlers  # noqa: F401  (registers the handlers)
+from fedjob_operator import handlers  # registers the handlers on import
 
 log = logging.getLogger("fedjob.operator")
 
@@ -17,13 +17,18 @@ def run_operator(namespaces: list[str], metrics_port: int, liveness: str | None 
     if metrics_port:
         start_http_server(metrics_port)
     log.info("fedjob operator watching %s", ", ".join(namespaces) if namespaces else "all namespaces")
-    # One replica at a time (Recreate strategy in the chart): no Kopf peering objects needed.
-    asyncio.run(
-        kopf.operator(
-            standalone=True,
-            clusterwide=not namespaces,
-            namespaces=namespaces or [],
-            liveness_endpoint=liveness,
+    loop = handlers.sync_loop()
+    loop.start()
+    try:
+        # One replica at a time (Recreate strategy in the chart): no Kopf peering objects needed.
+        asyncio.run(
+            kopf.operator(
+                standalone=True,
+                clusterwide=not namespaces,
+                namespaces=namespaces or [],
+                liveness_endpoint=liveness,
+            )
         )
-    )
+    finally:
+        loop.stop()
     return 0

@@ -1,0 +1,113 @@
+"""The operator's periodic sync, without a Kopf timer.
+
+Every few seconds each FederatedJob and FederatedSilo the operator watches is reconciled again:
+status follows the aggregator, enrollments are answered, lost children are made again. A Kopf
+timer would do that per object, but Kopf puts a finalizer on every object a timer serves: a job
+could then not be deleted while the operator is down, and in a rare race the finalizer stays
+after the timer stopped (kopf#1305), keeping the deleted job, and the tokens it owns, forever.
+
+So the watch only keeps a list of the objects it has seen (`Known`, fed by Kopf's event
+handlers, which need no finalizer), and one thread (`SyncLoop`) walks that list: it reads each
+object afresh, skips one being deleted, reconciles it into a patch and writes the patch's status
+with a merge patch, as Kopf would.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import kopf
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from fedjob.crd import GROUP, VERSION
+
+log = logging.getLogger("fedjob.operator")
+
+Reconcile = Callable[[dict[str, Any], kopf.Patch], None]
+Key = tuple[str, str, str]  # plural, namespace, name
+
+
+class Known:
+    """The objects the watch has seen and not yet seen deleted."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._keys: set[Key] = set()
+
+    def saw(self, plural: str, event: dict[str, Any], body: dict[str, Any]) -> None:
+        key = (plural, body["metadata"]["namespace"], body["metadata"]["name"])
+        with self._lock:
+            if event.get("type") == "DELETED":
+                self._keys.discard(key)
+            else:
+                self._keys.add(key)
+
+    def forget(self, key: Key) -> None:
+        with self._lock:
+            self._keys.discard(key)
+
+    def snapshot(self) -> list[Key]:
+        with self._lock:
+            return sorted(self._keys)
+
+
+class SyncLoop(threading.Thread):
+    def __init__(
+        self,
+        known: Known,
+        reconcilers: dict[str, Reconcile],
+        interval: float,
+        custom: Callable[[], client.CustomObjectsApi],
+    ) -> None:
+        super().__init__(name="fedjob-sync", daemon=True)
+        self.known = known
+        self.reconcilers = reconcilers
+        self.interval = interval
+        self.custom = custom
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            for key in self.known.snapshot():
+                if self.stopped.is_set():
+                    return
+                try:
+                    self.sync(key)
+                except Exception:  # one object's trouble must not stop the others' sync
+                    log.exception("sync of %s %s/%s failed; retried in %.0f s", *key, self.interval)
+
+    def sync(self, key: Key) -> None:
+        plural, ns, name = key
+        api = self.custom()
+        try:
+            raw: Any = api.get_namespaced_custom_object(GROUP, VERSION, ns, plural, name)
+        except ApiException as exc:
+            if exc.status == 404:
+                self.known.forget(key)
+                return
+            raise
+        body = dict(raw)
+        if body["metadata"].get("deletionTimestamp"):
+            return  # its children go with it (owner references); nothing to keep up
+        patch = kopf.Patch()
+        try:
+            self.reconcilers[plural](body, patch)
+        except kopf.TemporaryError as exc:
+            log.info("%s %s/%s: %s; again in %.0f s", plural, ns, name, exc, self.interval)
+            return
+        status = patch.get("status")
+        if status:
+            try:
+                api.patch_namespaced_custom_object_status(
+                    GROUP, VERSION, ns, plural, name, {"status": status}
+                )
+            except ApiException as exc:
+                if exc.status != 404:  # deleted meanwhile
+                    raise
+
+    def stop(self) -> None:
+        self.stopped.set()
