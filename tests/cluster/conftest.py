@@ -173,7 +173,7 @@ class OperatorProcess:
 def operator(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[OperatorProcess]:
     op = OperatorProcess(cluster, namespace, tmp_path / "operator.log").start()
     yield op
-    # Delete jobs while the operator runs, so Kopf can release its finalizers.
+    # Delete jobs while the operator runs (its children go with them).
     api = client.CustomObjectsApi()
     for item in api.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]:
         api.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, item["metadata"]["name"])

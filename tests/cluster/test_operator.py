@@ -176,6 +176,29 @@ def test_deleting_the_job_garbage_collects_its_children(
     wait_for(lambda: not any(children(namespace).values()) or None, 60, "garbage collection")
 
 
+def test_a_job_deleted_while_the_operator_is_down_goes_at_once_with_its_children(
+    cluster: Cluster, namespace: str, operator: OperatorProcess
+) -> None:
+    create_job(namespace, job_doc())
+    wait_for(lambda: all_created(namespace), 30, "all children")
+    time.sleep(5)  # a few periodic syncs: nothing they do may hold the job back
+    assert not get_job(namespace, "demo")["metadata"].get("finalizers")
+    operator.stop()
+    client.CustomObjectsApi().delete_namespaced_custom_object(
+        "fedjob.io", "v1alpha1", namespace, "federatedjobs", "demo"
+    )
+    wait_for(
+        lambda: (
+            not client.CustomObjectsApi().list_namespaced_custom_object(
+                "fedjob.io", "v1alpha1", namespace, "federatedjobs"
+            )["items"]
+        ),
+        10,
+        "the job to be gone without its operator",
+    )
+    wait_for(lambda: not any(children(namespace).values()) or None, 60, "garbage collection")
+
+
 def test_an_operator_restart_creates_no_duplicates_and_keeps_the_ca(
     cluster: Cluster, namespace: str, operator: OperatorProcess
 ) -> None:
