@@ -98,3 +98,17 @@ def test_a_federated_silo_ends_with_its_workers_own_outcome_when_the_aggregator_
     assert silo_status(last_look, "Succeeded", "Running", "")["progress"] == "0/2"
     for text in ("", "invalid FederatedJob\nspec.rounds: must be > 0", "[1, 2]", '{"kind": "other"}'):
         assert SiloOutcome.from_message(text) is None
+
+
+def test_the_periodic_sync_walks_what_the_watch_saw_once_settled_and_drops_the_deleted() -> None:
+    from fedjob_operator.sync_loop import Known
+
+    known = Known()
+    body = {"metadata": {"namespace": "ml", "name": "fed"}}
+    known.saw("federatedjobs", {"type": "ADDED"}, body)
+    known.saw("federatedjobs", {"type": "MODIFIED"}, body)
+    assert known.snapshot() == [("federatedjobs", "ml", "fed")]
+    # Just created: its creation handler is still at work, the sync leaves it alone a while.
+    assert known.snapshot(settled=60) == []
+    known.saw("federatedjobs", {"type": "DELETED"}, body)
+    assert known.snapshot() == []

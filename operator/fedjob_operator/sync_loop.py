@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -32,27 +33,30 @@ Key = tuple[str, str, str]  # plural, namespace, name
 
 
 class Known:
-    """The objects the watch has seen and not yet seen deleted."""
+    """The objects the watch has seen and not yet seen deleted, with when each was first seen."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._keys: set[Key] = set()
+        self._first_seen: dict[Key, float] = {}
 
     def saw(self, plural: str, event: dict[str, Any], body: dict[str, Any]) -> None:
         key = (plural, body["metadata"]["namespace"], body["metadata"]["name"])
         with self._lock:
             if event.get("type") == "DELETED":
-                self._keys.discard(key)
+                self._first_seen.pop(key, None)
             else:
-                self._keys.add(key)
+                self._first_seen.setdefault(key, time.monotonic())
 
     def forget(self, key: Key) -> None:
         with self._lock:
-            self._keys.discard(key)
+            self._first_seen.pop(key, None)
 
-    def snapshot(self) -> list[Key]:
+    def snapshot(self, settled: float = 0.0) -> list[Key]:
+        """The objects first seen at least `settled` seconds ago (a new one is still being
+        handled by its creation handler)."""
+        now = time.monotonic()
         with self._lock:
-            return sorted(self._keys)
+            return sorted(k for k, t in self._first_seen.items() if now - t >= settled)
 
 
 class SyncLoop(threading.Thread):
@@ -72,7 +76,7 @@ class SyncLoop(threading.Thread):
 
     def run(self) -> None:
         while not self.stopped.wait(self.interval):
-            for key in self.known.snapshot():
+            for key in self.known.snapshot(settled=self.interval):
                 if self.stopped.is_set():
                     return
                 try:
