@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fedjob_operator.reconcile import status_from
+from fedjob_operator.sync_loop import Known
 
 from fedjob.spec import parse_job
 from fedjob.v1 import fedjob_pb2 as pb
@@ -101,8 +102,6 @@ def test_a_federated_silo_ends_with_its_workers_own_outcome_when_the_aggregator_
 
 
 def test_the_periodic_sync_walks_what_the_watch_saw_once_settled_and_drops_the_deleted() -> None:
-    from fedjob_operator.sync_loop import Known
-
     known = Known()
     body = {"metadata": {"namespace": "ml", "name": "fed"}}
     known.saw("federatedjobs", {"type": "ADDED"}, body)
