@@ -53,9 +53,6 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="fedjob.io")
     settings.posting.level = logging.INFO
     settings.watching.server_timeout = 60
-    # A deleted object keeps the periodic sync's finalizer until a sync in progress ends, and Kopf
-    # looks again only after this many seconds (60 by default, which kept a deleted job a minute).
-    settings.background.cancellation_polling = 1
 
 
 def _emit(body: Any) -> Any:

@@ -7,9 +7,10 @@ could then not be deleted while the operator is down, and in a rare race the fin
 after the timer stopped (kopf#1305), keeping the deleted job, and the tokens it owns, forever.
 
 So the watch only keeps a list of the objects it has seen (`Known`, fed by Kopf's event
-handlers, which need no finalizer), and one thread (`SyncLoop`) walks that list: it reads each
-object afresh, skips one being deleted, reconciles it into a patch and writes the patch's status
-with a merge patch, as Kopf would.
+handlers, which need no finalizer), and one thread (`SyncLoop`) walks that list and syncs each
+object on a pool thread, one sync per object at a time: it reads the object afresh, skips one
+being deleted, reconciles it into a patch and writes the patch's status with a merge patch, as
+Kopf would.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kopf
@@ -66,6 +68,7 @@ class SyncLoop(threading.Thread):
         reconcilers: dict[str, Reconcile],
         interval: float,
         custom: Callable[[], client.CustomObjectsApi],
+        workers: int = 16,
     ) -> None:
         super().__init__(name="fedjob-sync", daemon=True)
         self.known = known
@@ -73,16 +76,32 @@ class SyncLoop(threading.Thread):
         self.interval = interval
         self.custom = custom
         self.stopped = threading.Event()
+        self.workers = workers
+        self._lock = threading.Lock()
+        self._in_flight: set[Key] = set()
 
     def run(self) -> None:
-        while not self.stopped.wait(self.interval):
-            for key in self.known.snapshot(settled=self.interval):
-                if self.stopped.is_set():
-                    return
-                try:
-                    self.sync(key)
-                except Exception:  # one object's trouble must not stop the others' sync
-                    log.exception("sync of %s %s/%s failed; retried in %.0f s", *key, self.interval)
+        # Each object syncs on its own thread, as a Kopf timer would: one whose aggregator does
+        # not answer (seconds of gRPC timeouts) must not hold up another's, whose failed silo
+        # has to be stopped before the Job controller's first retry (10 s).
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="fedjob-sync") as pool:
+            while not self.stopped.wait(self.interval):
+                for key in self.known.snapshot(settled=self.interval):
+                    with self._lock:
+                        if key in self._in_flight:  # still at its previous sync
+                            continue
+                        self._in_flight.add(key)
+                    pool.submit(self._sync_one, key)
+
+    def _sync_one(self, key: Key) -> None:
+        try:
+            if not self.stopped.is_set():
+                self.sync(key)
+        except Exception:  # one object's trouble must not stop the others' sync
+            log.exception("sync of %s %s/%s failed; retried in %.0f s", *key, self.interval)
+        finally:
+            with self._lock:
+                self._in_flight.discard(key)
 
     def sync(self, key: Key) -> None:
         plural, ns, name = key
