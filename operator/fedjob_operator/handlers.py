@@ -218,14 +218,28 @@ def silo_seen(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
     KNOWN.saw(SILO_PLURAL, dict(event), dict(body))
 
 
+# A silo's Job changed (its pod failed, say): its owner syncs at once. A silo that cannot run
+# must get parallelism 0 before the Job controller's retry pod gets far.
+@kopf.on.event("batch", "v1", "jobs", labels={"app.kubernetes.io/managed-by": "fedjob-operator"})
+def child_job_changed(body: kopf.Body, **_: Any) -> None:
+    ns = body["metadata"]["namespace"]
+    for ref in body["metadata"].get("ownerReferences") or []:
+        plural = {"FederatedJob": PLURAL, "FederatedSilo": SILO_PLURAL}.get(ref.get("kind", ""))
+        if plural is not None and _loop is not None:
+            _loop.poke((plural, ns, ref["name"]))
+
+
 KNOWN = Known()
+_loop: SyncLoop | None = None
 
 
 def sync_loop() -> SyncLoop:
     """The periodic sync of everything the watch has seen (main starts and stops it)."""
-    return SyncLoop(
+    global _loop
+    _loop = SyncLoop(
         KNOWN,
         {PLURAL: reconcile, SILO_PLURAL: reconcile_federated_silo},
         SYNC_SECONDS,
         lambda: client.CustomObjectsApi(apis().core.api_client),
     )
+    return _loop

@@ -79,14 +79,30 @@ class SyncLoop(threading.Thread):
         self.workers = workers
         self._lock = threading.Lock()
         self._in_flight: set[Key] = set()
+        self._due: set[Key] = set()
+        self._wake = threading.Event()
+
+    def poke(self, key: Key) -> None:
+        """Sync this object now, not at the next tick: one of its children changed (a silo's pod
+        failed, and its retry must be stopped before it runs)."""
+        with self._lock:
+            self._due.add(key)
+        self._wake.set()
 
     def run(self) -> None:
         # Each object syncs on its own thread, as a Kopf timer would: one whose aggregator does
-        # not answer (seconds of gRPC timeouts) must not hold up another's, whose failed silo
-        # has to be stopped before the Job controller's first retry (10 s).
+        # not answer (seconds of gRPC timeouts) must not hold up another's.
         with ThreadPoolExecutor(self.workers, thread_name_prefix="fedjob-sync") as pool:
-            while not self.stopped.wait(self.interval):
-                for key in self.known.snapshot(settled=self.interval):
+            next_tick = time.monotonic() + self.interval
+            while not self.stopped.is_set():
+                self._wake.wait(max(0.0, next_tick - time.monotonic()))
+                self._wake.clear()
+                with self._lock:
+                    keys, self._due = self._due, set()
+                if time.monotonic() >= next_tick:
+                    keys.update(self.known.snapshot(settled=self.interval))
+                    next_tick = time.monotonic() + self.interval
+                for key in sorted(keys):
                     with self._lock:
                         if key in self._in_flight:  # still at its previous sync
                             continue
@@ -134,3 +150,4 @@ class SyncLoop(threading.Thread):
 
     def stop(self) -> None:
         self.stopped.set()
+        self._wake.set()
