@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from typing import Any
+
 from fedjob_operator.reconcile import status_from
-from fedjob_operator.sync_loop import Known
+from fedjob_operator.sync_loop import Known, SyncLoop
 
 from fedjob.spec import parse_job
 from fedjob.v1 import fedjob_pb2 as pb
@@ -111,3 +115,51 @@ def test_the_periodic_sync_walks_what_the_watch_saw_once_settled_and_drops_the_d
     assert known.snapshot(settled=60) == []
     known.saw("federatedjobs", {"type": "DELETED"}, body)
     assert known.snapshot() == []
+
+
+class _ObjectsOnly:
+    """Stands in for the API server's custom-objects endpoint (the real one is exercised by
+    tests/cluster, where a silo that cannot run must leave exactly one pod)."""
+
+    def __init__(self) -> None:
+        self.patched: list[dict[str, Any]] = []
+
+    def get_namespaced_custom_object(self, group: str, version: str, ns: str, plural: str, name: str) -> Any:
+        return {"metadata": {"namespace": ns, "name": name}, "status": {}}
+
+    def patch_namespaced_custom_object_status(self, *args: Any) -> None:
+        self.patched.append(args[-1])
+
+
+def test_a_poked_object_syncs_at_once_and_one_sync_at_a_time_per_object() -> None:
+    """A child Job's change pokes its owner: it syncs now, not at the next tick (60 s here); a
+    poke while its sync runs syncs it once more after that one, never beside it."""
+    api = _ObjectsOnly()
+    started = threading.Event()
+    release = threading.Event()
+    calls: list[str] = []
+
+    def reconcile(body: dict[str, Any], patch: Any) -> None:
+        calls.append(body["metadata"]["name"])
+        started.set()
+        release.wait(5)
+        patch.status["phase"] = "Running"
+
+    loop = SyncLoop(Known(), {"federatedjobs": reconcile}, 60.0, lambda: api)  # type: ignore[arg-type,return-value]
+    loop.start()
+    try:
+        loop.poke(("federatedjobs", "ml", "fed"))
+        assert started.wait(2), "a poke must not wait for the next tick"
+        loop.poke(("federatedjobs", "ml", "fed"))  # its sync is still running
+        time.sleep(0.3)
+        assert calls == ["fed"]
+        release.set()
+        deadline = time.time() + 2
+        while len(api.patched) < 2 and time.time() < deadline:
+            time.sleep(0.02)
+        assert calls == ["fed", "fed"]
+        assert api.patched == [{"status": {"phase": "Running"}}] * 2
+    finally:
+        release.set()
+        loop.stop()
+        loop.join(5)

@@ -104,7 +104,8 @@ class SyncLoop(threading.Thread):
                     next_tick = time.monotonic() + self.interval
                 for key in sorted(keys):
                     with self._lock:
-                        if key in self._in_flight:  # still at its previous sync
+                        if key in self._in_flight:  # still at its previous sync: once more after it
+                            self._due.add(key)
                             continue
                         self._in_flight.add(key)
                     pool.submit(self._sync_one, key)
@@ -118,6 +119,8 @@ class SyncLoop(threading.Thread):
         finally:
             with self._lock:
                 self._in_flight.discard(key)
+                if key in self._due:
+                    self._wake.set()
 
     def sync(self, key: Key) -> None:
         plural, ns, name = key
