@@ -36,9 +36,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from learning_quality import job_document, model_and_sources, run_job, steps_per_silo  # noqa: E402
-
-from fedjob.split import split_sources  # noqa: E402
+from learning_quality import (  # noqa: E402
+    add_setup_arguments,
+    job_document,
+    model_and_sources,
+    run_job,
+    split_silos,
+)
 
 # name: (uplink stages, legacy codec fields when the chain names no encoding)
 CHAINS: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]] = {
@@ -130,23 +134,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--chains", default=",".join(CHAINS))
     p.add_argument("--algorithms", default="fedavg,diloco")
-    p.add_argument("--rounds", type=int, default=20)
-    p.add_argument("--silos", type=int, default=4)
-    p.add_argument("--steps-per-round", type=int, default=40)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    add_setup_arguments(p, "communication")
     p.add_argument("--alpha", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--source-bytes", type=int, default=150_000)
-    p.add_argument("--eval-batches", type=int, default=16)
-    p.add_argument("--pretrain-steps", type=int, default=300)
-    p.add_argument("--outer-lr", type=float, default=0.7)
-    p.add_argument("--outer-momentum", type=float, default=0.9)
-    p.add_argument("--work", type=Path, default=Path.home() / ".cache" / "fedjob" / "bench-learning-quality")
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "communication")
-    p.add_argument("--fresh", action="store_true")
     p.add_argument(
         "--downlink",
         default="",
@@ -158,14 +147,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
 
     sources = model_and_sources(args.work, args.seed, args.source_bytes, args.pretrain_steps)
-    tag = f"alpha{args.alpha}" + (f"-seed{args.seed}" if args.seed else "")
-    folder = args.work / f"split-{tag}"
-    summary = split_sources(sources, args.silos, folder, alpha=args.alpha, seed=args.seed)
-    steps = steps_per_silo([sum(summary.bytes[s].values()) for s in summary.silos], args.steps_per_round)
-    silos = [
-        {"name": s, "data": {"path": str(folder / s)}, "localSteps": k}
-        for s, k in zip(summary.silos, steps, strict=True)
-    ]
+    tag, silos, _ = split_silos(args, sources, args.alpha, args.seed)
+    steps = [int(s["localSteps"]) for s in silos]
     print(f"alpha {args.alpha}, seed {args.seed}: local steps per round {steps}", flush=True)
 
     rows: list[dict[str, Any]] = []

@@ -147,8 +147,8 @@ def steps_per_silo(sizes: list[int], total: int) -> list[int]:
     return steps
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_setup_arguments(p: argparse.ArgumentParser, out: str) -> None:
+    """The learning-quality set-up's options, shared by the benchmarks built on it."""
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--silos", type=int, default=4)
     p.add_argument(
@@ -160,18 +160,11 @@ def main() -> None:
     p.add_argument(
         "--optimizer", choices=["adamw", "sgd"], default="adamw", help="the silos' local optimiser"
     )
-    p.add_argument("--mu", type=float, default=0.1, help="FedProx proximal weight")
-    p.add_argument("--server-lr", type=float, default=0.01, help="FedAdam server learning rate")
     p.add_argument("--outer-lr", type=float, default=0.7, help="DiLoCo outer learning rate")
     p.add_argument("--outer-momentum", type=float, default=0.9, help="DiLoCo outer Nesterov momentum")
-    p.add_argument("--alphas", default="1.0,0.1")
-    p.add_argument("--algorithms", default=ALGORITHMS)
     p.add_argument("--source-bytes", type=int, default=150_000)
     p.add_argument("--eval-batches", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0, help="the model's and the centralised run's seed")
-    p.add_argument(
-        "--seeds", default=None, help="comma-separated split and training seeds (default: --seed alone)"
-    )
+    p.add_argument("--seed", type=int, default=0, help="the model's seed (and the split's, where one)")
     p.add_argument("--pretrain-steps", type=int, default=300, help="0: start from random weights")
     p.add_argument(
         "--work",
@@ -179,8 +172,37 @@ def main() -> None:
         default=Path(os.environ.get("FEDJOB_CACHE", Path.home() / ".cache/fedjob"))
         / "bench-learning-quality",
     )
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "learning-quality")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / out)
     p.add_argument("--fresh", action="store_true", help="rerun jobs whose results are cached in --work")
+
+
+def split_silos(
+    args: argparse.Namespace, sources: dict[str, str], alpha: float, seed: int
+) -> tuple[str, list[dict[str, Any]], Any]:
+    """The Dirichlet split for (alpha, seed), written once under --work: its tag, the silos'
+    spec entries (local steps in proportion to their data) and the split's summary. Seed 0
+    keeps the names of the single-seed runs, so their cached results are reused."""
+    tag = f"alpha{alpha}" + (f"-seed{seed}" if seed else "")
+    folder = args.work / f"split-{tag}"
+    summary = split_sources(sources, args.silos, folder, alpha=alpha, seed=seed)
+    steps = steps_per_silo([sum(summary.bytes[s].values()) for s in summary.silos], args.steps_per_round)
+    silos = [
+        {"name": s, "data": {"path": str(folder / s)}, "localSteps": k}
+        for s, k in zip(summary.silos, steps, strict=True)
+    ]
+    return tag, silos, summary
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_setup_arguments(p, "learning-quality")
+    p.add_argument("--mu", type=float, default=0.1, help="FedProx proximal weight")
+    p.add_argument("--server-lr", type=float, default=0.01, help="FedAdam server learning rate")
+    p.add_argument("--alphas", default="1.0,0.1")
+    p.add_argument("--algorithms", default=ALGORITHMS)
+    p.add_argument(
+        "--seeds", default=None, help="comma-separated split and training seeds (default: --seed alone)"
+    )
     args = p.parse_args()
     seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
     args.work.mkdir(parents=True, exist_ok=True)
@@ -210,22 +232,14 @@ def main() -> None:
     for alpha in (float(a) for a in args.alphas.split(",")):
         splits[alpha] = []
         for seed in seeds:
-            # Seed 0 keeps the names of the single-seed runs, so their cached results are reused.
-            tag = f"alpha{alpha}" + (f"-seed{seed}" if seed else "")
-            folder = args.work / f"split-{tag}"
-            summary = split_sources(sources, args.silos, folder, alpha=alpha, seed=seed)
-            sizes = [sum(summary.bytes[s].values()) for s in summary.silos]
-            steps = steps_per_silo(sizes, args.steps_per_round)
+            tag, silos, summary = split_silos(args, sources, alpha, seed)
+            steps = [int(s["localSteps"]) for s in silos]
             splits[alpha].append(steps)
             print(
                 f"\nalpha {alpha}, seed {seed}: bytes per silo and source, local steps per round {steps}\n"
                 f"{summary.table()}",
                 flush=True,
             )
-            silos = [
-                {"name": s, "data": {"path": str(folder / s)}, "localSteps": k}
-                for s, k in zip(summary.silos, steps, strict=True)
-            ]
             for algorithm in algorithms:
                 agg: dict[str, Any] = {"algorithm": algorithm}
                 if algorithm == "fedprox":

@@ -110,20 +110,23 @@ def openapi_schema(model: type[BaseModel] = FederatedJob) -> dict[str, Any]:
     }
 
 
-def crd_manifest() -> dict[str, Any]:
+def _crd(
+    kind: str, plural: str, short: str, columns: list[dict[str, Any]], schema: dict[str, Any]
+) -> dict[str, Any]:
+    """A namespaced CRD of the fedjob.io group with one served, stored version and a status subresource."""
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{PLURAL}.{GROUP}"},
+        "metadata": {"name": f"{plural}.{GROUP}"},
         "spec": {
             "group": GROUP,
             "scope": "Namespaced",
             "names": {
-                "kind": KIND,
-                "plural": PLURAL,
-                "singular": "federatedjob",
-                "shortNames": ["fj"],
-                "listKind": f"{KIND}List",
+                "kind": kind,
+                "plural": plural,
+                "singular": kind.lower(),
+                "shortNames": [short],
+                "listKind": f"{kind}List",
                 "categories": ["fedjob"],
             },
             "versions": [
@@ -133,76 +136,57 @@ def crd_manifest() -> dict[str, Any]:
                     "storage": True,
                     "subresources": {"status": {}},
                     "additionalPrinterColumns": [
-                        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
-                        {"name": "Round", "type": "string", "jsonPath": ".status.progress"},
-                        {
-                            "name": "Silos",
-                            "type": "string",
-                            "jsonPath": ".status.silosReady",
-                            "description": "silos training / silos in the job",
-                        },
-                        {
-                            "name": "Eval",
-                            "type": "number",
-                            "jsonPath": ".status.federatedEval.loss",
-                            "description": "the silos' sample-weighted held-out loss of the latest model",
-                            "priority": 1,
-                        },
-                        {
-                            "name": "Epsilon",
-                            "type": "number",
-                            "jsonPath": ".status.privacy.epsilon",
-                            "description": "differential privacy spent so far (at status.privacy.delta)",
-                            "priority": 1,
-                        },
+                        *columns,
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                     ],
-                    "schema": {"openAPIV3Schema": openapi_schema()},
+                    "schema": {"openAPIV3Schema": schema},
                 }
             ],
         },
     }
+
+
+def crd_manifest() -> dict[str, Any]:
+    columns: list[dict[str, Any]] = [
+        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+        {"name": "Round", "type": "string", "jsonPath": ".status.progress"},
+        {
+            "name": "Silos",
+            "type": "string",
+            "jsonPath": ".status.silosReady",
+            "description": "silos training / silos in the job",
+        },
+        {
+            "name": "Eval",
+            "type": "number",
+            "jsonPath": ".status.federatedEval.loss",
+            "description": "the silos' sample-weighted held-out loss of the latest model",
+            "priority": 1,
+        },
+        {
+            "name": "Epsilon",
+            "type": "number",
+            "jsonPath": ".status.privacy.epsilon",
+            "description": "differential privacy spent so far (at status.privacy.delta)",
+            "priority": 1,
+        },
+    ]
+    return _crd(KIND, PLURAL, "fj", columns, openapi_schema())
 
 
 def silo_crd_manifest() -> dict[str, Any]:
     """FederatedSilo: an external silo's side, in its own cluster (fedjob/silo_spec.py)."""
-    return {
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{SILO_PLURAL}.{GROUP}"},
-        "spec": {
-            "group": GROUP,
-            "scope": "Namespaced",
-            "names": {
-                "kind": SILO_KIND,
-                "plural": SILO_PLURAL,
-                "singular": "federatedsilo",
-                "shortNames": ["fs"],
-                "listKind": f"{SILO_KIND}List",
-                "categories": ["fedjob"],
-            },
-            "versions": [
-                {
-                    "name": VERSION,
-                    "served": True,
-                    "storage": True,
-                    "subresources": {"status": {}},
-                    "additionalPrinterColumns": [
-                        {"name": "Job", "type": "string", "jsonPath": ".spec.job"},
-                        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
-                        {"name": "Round", "type": "string", "jsonPath": ".status.progress"},
-                        {"name": "State", "type": "string", "jsonPath": ".status.state"},
-                        {
-                            "name": "Certificate",
-                            "type": "string",
-                            "jsonPath": ".status.certificateExpires",
-                            "description": "until when this silo's certificate is valid",
-                            "priority": 1,
-                        },
-                        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
-                    ],
-                    "schema": {"openAPIV3Schema": openapi_schema(FederatedSilo)},
-                }
-            ],
+    columns: list[dict[str, Any]] = [
+        {"name": "Job", "type": "string", "jsonPath": ".spec.job"},
+        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+        {"name": "Round", "type": "string", "jsonPath": ".status.progress"},
+        {"name": "State", "type": "string", "jsonPath": ".status.state"},
+        {
+            "name": "Certificate",
+            "type": "string",
+            "jsonPath": ".status.certificateExpires",
+            "description": "until when this silo's certificate is valid",
+            "priority": 1,
         },
-    }
+    ]
+    return _crd(SILO_KIND, SILO_PLURAL, "fs", columns, openapi_schema(FederatedSilo))
