@@ -8,13 +8,13 @@ bytes each silo sent and received per round, their ratio to fp32, the final eval
 (aggregator-side, on the held-out tails of the three sources) and its ratio to the fp32
 sync's with the same algorithm.
 
-    .venv/bin/python bench/communication.py                      # FedAvg and DiLoCo, every named chain
+    .venv/bin/python bench/communication.py             # FedAvg and DiLoCo, DEFAULT_CHAINS
     .venv/bin/python bench/communication.py --algorithms fedavg --chains fp32,topk25b-q2n.512-z15 \
         --downlink topk25b-q2n.512-z15,fp32:topk25b-q2n.512-z15 --seed 1
 
-Besides the named chains (CHAINS), `topk<percent>[b]-q<bits>[n][.<block>][-z<level>]`
-spells top-k (b: per block of 128 values), 2/4/8-bit quantisation (n: nearest rounding,
-else stochastic; .<block>: values per scale) and zstd (its level).
+Besides the named chains (NAMED, ALIASES), `topk<percent>[b[<size>]]-q<bits>[n][.<block>][-z<level>]`
+spells top-k (b: per block of <size> values, 128 if none given), 2/4/8-bit quantisation
+(n: nearest rounding, else stochastic; .<block>: values per scale) and zstd (its level).
 
 `--downlink` also compresses the download: CHAIN runs that chain both ways, UP:DOWN the
 uplink chain UP and the downlink chain DOWN. The silos then receive each round's change
@@ -44,86 +44,39 @@ from learning_quality import (  # noqa: E402
     split_silos,
 )
 
-# name: (uplink stages, legacy codec fields when the chain names no encoding)
-CHAINS: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]] = {
+# The chains that are not spelled by the grammar below: (uplink stages, legacy codec fields
+# when the chain names no encoding).
+NAMED: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]] = {
     "fp32": ([], {"codec": "none", "zstd": False}),
     "int8+zstd": ([], {"codec": "int8", "zstd": True}),
     "q4+zstd": ([{"quantize": {"bits": 4, "rounding": "stochastic"}}, {"zstd": {}}], {}),
-    "topk10-q4": (
-        [{"topk": {"fraction": 0.1}}, {"quantize": {"bits": 4, "rounding": "stochastic"}}, {"zstd": {}}],
-        {},
-    ),
-    "topk5-q2": (
-        [{"topk": {"fraction": 0.05}}, {"quantize": {"bits": 2, "rounding": "stochastic"}}, {"zstd": {}}],
-        {},
-    ),
-    "topk2-q2": (
-        [{"topk": {"fraction": 0.02}}, {"quantize": {"bits": 2, "rounding": "stochastic"}}, {"zstd": {}}],
-        {},
-    ),
-    "topk25-q2": (
-        [{"topk": {"fraction": 0.25}}, {"quantize": {"bits": 2, "rounding": "stochastic"}}, {"zstd": {}}],
-        {},
-    ),
-    "topk25-q4": (
-        [{"topk": {"fraction": 0.25}}, {"quantize": {"bits": 4, "rounding": "stochastic"}}, {"zstd": {}}],
-        {},
-    ),
-    # chunked top-k: a quarter of every block of 128 values
-    "topk25b-q2": (
-        [
-            {"topk": {"fraction": 0.25, "blockSize": 128}},
-            {"quantize": {"bits": 2, "rounding": "stochastic"}},
-            {"zstd": {}},
-        ],
-        {},
-    ),
-    # nearest rounding with least-squares block scales (error feedback owes the rounding)
-    "topk25b-q2n": (
-        [
-            {"topk": {"fraction": 0.25, "blockSize": 128}},
-            {"quantize": {"bits": 2, "rounding": "nearest"}},
-            {"zstd": {}},
-        ],
-        {},
-    ),
-    "topk25-q2n": (
-        [{"topk": {"fraction": 0.25}}, {"quantize": {"bits": 2, "rounding": "nearest"}}, {"zstd": {}}],
-        {},
-    ),
-    "topk10-q4n": (
-        [{"topk": {"fraction": 0.1}}, {"quantize": {"bits": 4, "rounding": "nearest"}}, {"zstd": {}}],
-        {},
-    ),
-    "ef-q2n": (
-        [{"topk": {"fraction": 1.0}}, {"quantize": {"bits": 2, "rounding": "nearest"}}, {"zstd": {}}],
-        {},
-    ),
-    # top-k keeping everything: error feedback on the 2-bit rounding alone
-    "ef-q2": (
-        [{"topk": {"fraction": 1.0}}, {"quantize": {"bits": 2, "rounding": "stochastic"}}, {"zstd": {}}],
-        {},
-    ),
 }
+# Error feedback on the 2-bit rounding alone: top-k keeping everything.
+ALIASES = {"ef-q2": "topk100-q2", "ef-q2n": "topk100-q2n"}
+# What a bare run measures.
+DEFAULT_CHAINS = ",".join(
+    ["fp32", "int8+zstd", "q4+zstd", "ef-q2n"] + [f"topk{p}b-q2n.512-z15" for p in (25, 22, 3, 2)]
+)
+GRAMMAR = r"topk(\d+(?:\.\d+)?)(?:b(\d*))?-q([248])(n?)(?:\.(\d+))?(?:-z(\d+))?"
 
 
 def chain_stages(name: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """A named chain, or one spelled `topk<percent>[b]-q<bits>[n][.<block>][-z<level>]`.
+    """A named chain, or one spelled `topk<percent>[b[<size>]]-q<bits>[n][.<block>][-z<level>]`.
 
-    b: top-k per block of 128 values; n: nearest rounding; .<block>: values per scale (128);
-    z: the zstd level (3).
+    b: top-k per block of <size> values (128); n: nearest rounding, else stochastic;
+    .<block>: values per scale (128); z: the zstd level (3).
     """
-    if name in CHAINS:
-        return CHAINS[name]
-    m = re.fullmatch(r"topk(\d+(?:\.\d+)?)(b?)-q([248])(n?)(?:\.(\d+))?(?:-z(\d+))?", name)
+    if name in NAMED:
+        return NAMED[name]
+    m = re.fullmatch(GRAMMAR, ALIASES.get(name, name))
     if m is None:
         raise SystemExit(
-            f"unknown chain {name!r}: one of {', '.join(CHAINS)} "
-            "or topk<percent>[b]-q<bits>[n][.<block>][-z<level>]"
+            f"unknown chain {name!r}: one of {', '.join([*NAMED, *ALIASES])} "
+            "or topk<percent>[b[<size>]]-q<bits>[n][.<block>][-z<level>]"
         )
     topk: dict[str, Any] = {"fraction": float(m[1]) / 100}
-    if m[2]:
-        topk["blockSize"] = 128
+    if m[2] is not None:
+        topk["blockSize"] = int(m[2] or 128)
     quantize: dict[str, Any] = {"bits": int(m[3]), "rounding": "nearest" if m[4] else "stochastic"}
     if m[5]:
         quantize["blockSize"] = int(m[5])
@@ -132,7 +85,7 @@ def chain_stages(name: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--chains", default=",".join(CHAINS))
+    p.add_argument("--chains", default=DEFAULT_CHAINS)
     p.add_argument("--algorithms", default="fedavg,diloco")
     add_setup_arguments(p, "communication")
     p.add_argument("--alpha", type=float, default=0.1)
