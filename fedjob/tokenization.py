@@ -10,6 +10,8 @@ from the model folder with local_files_only.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +45,10 @@ class Tokenizer(Protocol):
 
     def __len__(self) -> int: ...
 
+    def vocabulary(self) -> str:
+        """What the ids mean, in a line: the same line for the same id-to-token mapping."""
+        ...
+
     def encode(self, segments: Sequence[Segment], special: bool = True) -> tuple[Ids, Mask]:
         """Ids and the trainable mask; `special`: the tokenizer's own BOS/EOS wrapping, if any."""
         ...
@@ -65,6 +71,9 @@ class ByteTokenizer:
 
     def __len__(self) -> int:
         return BYTE_VOCAB
+
+    def vocabulary(self) -> str:
+        return f"bytes ({BYTE_VOCAB} ids)"
 
     def encode(self, segments: Sequence[Segment], special: bool = True) -> tuple[Ids, Mask]:
         if not segments:
@@ -106,6 +115,13 @@ class ModelTokenizer:
 
     def __len__(self) -> int:
         return len(self.tok)
+
+    def vocabulary(self) -> str:
+        # The id-to-token mapping is what the embedding rows mean; merges, normalisation and
+        # the chat template may change without changing it.
+        vocab = sorted(self.tok.get_vocab().items(), key=lambda item: item[1])
+        digest = hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:12]
+        return f"model ({len(vocab)} ids, vocabulary sha256 {digest})"
 
     def encode(self, segments: Sequence[Segment], special: bool = True) -> tuple[Ids, Mask]:
         text = "".join(s for s, _ in segments)

@@ -34,6 +34,7 @@ from fedjob.errors import EXIT_PERMANENT, TERMINATION_LOG_ENV
 from fedjob.modeling import result_folder
 from fedjob.spec import FederatedJob, SpecError, identity_differences, job_document, load_job, state_identity
 from fedjob.tls import KeyPair, ca_hash, write_job_certs
+from fedjob.tokenization import load_tokenizer
 from fedjob.update_stages import uplink_codec
 from fedjob.uplink import job_uplink
 from fedjob.v1 import fedjob_pb2 as pb
@@ -296,14 +297,19 @@ class LocalRun:
             return None
         return loaded
 
-    def _already_finished(self, index: dict[str, Any]) -> bool:
+    def _identity(self) -> dict[str, Any]:
+        """What a checkpoint must have been made with (the aggregator checks the same)."""
+        return state_identity(self.job.spec, load_tokenizer(self.job).vocabulary())
+
+    def _already_finished(self, index: dict[str, Any], identity: dict[str, Any]) -> bool:
         """The checkpoint is this very job's, after its last round (and final evaluation)."""
         spec = self.job.spec
         extra = index.get("extra", {})
         return (
             int(index.get("round", 0)) >= spec.rounds
             and (bool(extra.get("final_evaluation_done")) or spec.evaluation.batches == 0)
-            and extra.get("spec") == state_identity(spec)
+            and "spec" in extra
+            and not identity_differences(extra["spec"], identity)
             and (self.out / result_folder(self.job)).exists()
         )
 
@@ -317,7 +323,8 @@ class LocalRun:
         )
         index = self._checkpoint_index()
         saved = (index or {}).get("extra", {}).get("spec")
-        changed = identity_differences(saved, state_identity(self.job.spec)) if saved is not None else []
+        identity = self._identity() if saved is not None else {}
+        changed = identity_differences(saved, identity) if saved is not None else []
         if changed:
             # The aggregator would refuse it too, after starting; say so before starting anything.
             differences = "; ".join(changed)
@@ -328,7 +335,7 @@ class LocalRun:
             )
             return EXIT_PERMANENT
         if index is not None and int(index.get("round", 0)) > 0:
-            if self._already_finished(index):
+            if self._already_finished(index, identity):
                 self.console.print(f"already finished: all {self.job.spec.rounds} rounds are in {self.out}")
                 return self._summary(started, True)
             self.console.print(

@@ -2,8 +2,8 @@
 
 - a broken model or data ends `fedjob run` in seconds with exit code 2 and the reason on the
   last line of its output (before: 95-150 s of restarts and "see logs");
-- a checkpoint made under other state-shaping fields is refused naming them; `--fresh` starts
-  over; a changed number of rounds resumes;
+- a checkpoint made under other state-shaping fields or another tokenizer vocabulary is refused
+  naming them; `--fresh` starts over; a changed number of rounds resumes;
 - a stale DeepSpeed build lock cannot hang a silo;
 - a second Ctrl-C while `fedjob run` stops leaves no traceback and no process.
 """
@@ -197,6 +197,23 @@ def test_a_checkpoint_made_under_other_state_shaping_fields_is_refused_naming_th
     # Fields that do not shape the state may change.
     same = parse_job(job_doc(rounds=7, aggregation={"minSilos": 2, "roundDeadlineSeconds": 99}))
     assert Coordinator(same, FedAvg(), state, tmp_path).completed == 0
+
+
+def test_a_checkpoint_made_under_another_tokenizer_vocabulary_is_refused(tmp_path: Path) -> None:
+    state = {"w": np.zeros(4, np.float32)}
+    job = parse_job(job_doc())
+    Coordinator(job, FedAvg(), state, tmp_path / "a", vocabulary="bytes (256 ids)")
+    with pytest.raises(PermanentError) as info:
+        Coordinator(
+            job, FedAvg(), state, tmp_path / "a", vocabulary="model (2048 ids, vocabulary sha256 1a2b)"
+        )
+    assert (
+        "training.tokenizer: 'bytes (256 ids)' in the checkpoint, "
+        "'model (2048 ids, vocabulary sha256 1a2b)' in this spec" in str(info.value)
+    )
+    # A checkpoint from before the vocabulary was recorded does not name one, and resumes.
+    Coordinator(job, FedAvg(), state, tmp_path / "b")
+    assert Coordinator(job, FedAvg(), state, tmp_path / "b", vocabulary="bytes (256 ids)").completed == 0
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -71,6 +72,29 @@ def test_the_model_folder_tokenizer_is_the_default_and_bytes_the_fallback(
     plain = {"path": str(assets / "data/code")}
     assert tokenizer_kind(job(assets / "model", plain)) == "bytes"  # the byte-level model has none
     assert tokenizer_kind(job(chat_assets / "model", plain, tokenizer="bytes")) == "bytes"
+
+
+def test_a_tokenizers_vocabulary_line_names_what_its_ids_mean(chat_assets: Path, tmp_path: Path) -> None:
+    # The checkpoint records this line: another id-to-token mapping means other embedding rows.
+    line = ModelTokenizer(chat_assets / "model").vocabulary()
+    assert line.startswith(f"model ({len(ModelTokenizer(chat_assets / 'model'))} ids, vocabulary sha256 ")
+    assert ByteTokenizer().vocabulary() == "bytes (256 ids)"
+    # A copy whose chat template changed keeps its line (the ids mean the same) ...
+    same = tmp_path / "same"
+    shutil.copytree(chat_assets / "model", same)
+    config = json.loads((same / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    (same / "tokenizer_config.json").write_text(json.dumps(config))
+    assert ModelTokenizer(same).vocabulary() == line
+    # ... one with two tokens' ids swapped does not.
+    swapped = tmp_path / "swapped"
+    shutil.copytree(chat_assets / "model", swapped)
+    tok = json.loads((swapped / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (swapped / "tokenizer.json").write_text(json.dumps(tok))
+    assert ModelTokenizer(swapped).vocabulary() != line
 
 
 def test_a_long_document_is_tokenised_in_chunks_that_lose_nothing(chat_assets: Path) -> None:

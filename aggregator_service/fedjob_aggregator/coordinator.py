@@ -64,9 +64,12 @@ class Coordinator:
         finalize: Callable[[State], None] | None = None,
         observe: Observer | None = None,
         manifest: Mapping[str, TensorInfo] | None = None,
+        vocabulary: str | None = None,
     ) -> None:
         """`initial_state` may be a function, called only when there is no checkpoint to resume
-        (then `manifest` names the tensors it will return, for the resume check)."""
+        (then `manifest` names the tensors it will return, for the resume check). `vocabulary`:
+        what the model's token ids mean (Tokenizer.vocabulary()); a checkpoint made under
+        another is refused."""
         self.job = job
         self.spec = job.spec
         self.strategy = strategy
@@ -120,7 +123,7 @@ class Coordinator:
         self._sampling_rng = np.random.default_rng() if self.dp is not None else None
         self.budget_stop: int | None = None  # the round after which the privacy budget ended the job
         # What the checkpoint must have been made with (training.lora.r, the algorithm, privacy, ...).
-        self.identity = state_identity(job.spec)
+        self.identity = state_identity(job.spec, vocabulary)
         ckpt = self.store.load()
         if ckpt is None:
             # The coordinator reuses the global model's buffers: it owns what a function returns,

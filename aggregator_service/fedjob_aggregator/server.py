@@ -25,6 +25,7 @@ from fedjob.silo_data import eval_data
 from fedjob.spec import FederatedJob
 from fedjob.strategies import make_strategy
 from fedjob.tls import CertFiles
+from fedjob.tokenization import load_tokenizer
 from fedjob.v1 import fedjob_pb2_grpc as pb_grpc
 from fedjob_aggregator.admission import pool_size
 from fedjob_aggregator.coordinator import Coordinator
@@ -64,6 +65,7 @@ class _ModelHooks:
         self.job = job
         self.workdir = workdir
         self.manifest = modeling.trainable_manifest(job)
+        self.vocabulary = load_tokenizer(job).vocabulary()
         self.batches: list[Any] = []
         self._model: Any = None
         shared = eval_data(job)
@@ -185,6 +187,7 @@ def serve(job: FederatedJob, opts: AggregatorOptions) -> int:
         finalize=hooks.finalize,
         observe=metrics.observe,
         manifest=hooks.manifest,
+        vocabulary=hooks.vocabulary,
     )
     metrics.round.labels(metrics.job).set(coord.completed)
     desk = EnrollmentDesk(opts.workdir / "certificates.json", job.external_silos(), job.spec.revoked_silos)
