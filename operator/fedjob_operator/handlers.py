@@ -218,15 +218,43 @@ def silo_seen(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
     KNOWN.saw(SILO_PLURAL, dict(event), dict(body))
 
 
-# A silo's Job changed (its pod failed, say): its owner syncs at once. A silo that cannot run
-# must get parallelism 0 before the Job controller's retry pod gets far.
+# (namespace, silo Job) -> the FederatedJob or FederatedSilo that owns it, from the Job watch;
+# a silo pod names only its Job.
+_job_owners: dict[tuple[str, str], tuple[str, str, str]] = {}
+
+
+# A silo's Job changed: its owner syncs at once.
 @kopf.on.event("batch", "v1", "jobs", labels={"app.kubernetes.io/managed-by": "fedjob-operator"})
-def child_job_changed(body: kopf.Body, **_: Any) -> None:
-    ns = body["metadata"]["namespace"]
+def child_job_changed(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+    ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    if event.get("type") == "DELETED":
+        _job_owners.pop((ns, name), None)
     for ref in body["metadata"].get("ownerReferences") or []:
         plural = {"FederatedJob": PLURAL, "FederatedSilo": SILO_PLURAL}.get(ref.get("kind", ""))
-        if plural is not None and _loop is not None:
-            _loop.poke((plural, ns, ref["name"]))
+        if plural is not None:
+            key = (plural, ns, ref["name"])
+            if event.get("type") != "DELETED":
+                _job_owners[(ns, name)] = key
+            if _loop is not None:
+                _loop.poke(key)
+
+
+# A silo pod failed: its owner syncs at once. This is the earliest sign, seen when the Job
+# controller sees it, so a silo that cannot run (exit 2) gets parallelism 0 before that
+# controller's retry pod (Kubernetes 1.20 has no podFailurePolicy) gets far.
+@kopf.on.event(
+    "v1",
+    "pods",
+    labels={"app.kubernetes.io/managed-by": "fedjob-operator", "app.kubernetes.io/component": "silo"},
+)
+def silo_pod_changed(body: kopf.Body, **_: Any) -> None:
+    if (body.get("status") or {}).get("phase") != "Failed" or _loop is None:
+        return
+    ns = body["metadata"]["namespace"]
+    for ref in body["metadata"].get("ownerReferences") or []:
+        key = _job_owners.get((ns, ref.get("name", ""))) if ref.get("kind") == "Job" else None
+        if key is not None:
+            _loop.poke(key)
 
 
 KNOWN = Known()
