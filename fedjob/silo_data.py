@@ -320,8 +320,9 @@ def silo_data(job: FederatedJob, silo: str) -> tuple[TrainingData, TrainingData 
     return train, held
 
 
-def eval_data(job: FederatedJob) -> TrainingData | None:
-    """The aggregator's shared held-out set (spec.eval), in its format."""
+def eval_data(job: FederatedJob, tokenizer: Tokenizer | None = None) -> TrainingData | None:
+    """The aggregator's shared held-out set (spec.eval), in its format (`tokenizer`: the job's,
+    when the caller has loaded it already)."""
     if job.spec.eval is None:
         return None
-    return load(job.spec.eval.path, job.spec.eval, job, load_tokenizer(job)).data
+    return load(job.spec.eval.path, job.spec.eval, job, tokenizer or load_tokenizer(job)).data

@@ -65,10 +65,11 @@ class _ModelHooks:
         self.job = job
         self.workdir = workdir
         self.manifest = modeling.trainable_manifest(job)
-        self.vocabulary = load_tokenizer(job).vocabulary()
+        tokenizer = load_tokenizer(job)
+        self.vocabulary = tokenizer.vocabulary()
         self.batches: list[Any] = []
         self._model: Any = None
-        shared = eval_data(job)
+        shared = eval_data(job, tokenizer)
         if shared is not None and job.spec.eval is not None:
             self.batches = shared.fixed_batches(job.spec.eval.batches, job.spec.training.batch_size)
 

@@ -227,8 +227,7 @@ _job_owners: dict[tuple[str, str], tuple[str, str, str]] = {}
 @kopf.on.event("batch", "v1", "jobs", labels={"app.kubernetes.io/managed-by": "fedjob-operator"})
 def child_job_changed(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
     ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
-    if event.get("type") == "DELETED":
-        _job_owners.pop((ns, name), None)
+    _job_owners.pop((ns, name), None)
     for ref in body["metadata"].get("ownerReferences") or []:
         plural = {"FederatedJob": PLURAL, "FederatedSilo": SILO_PLURAL}.get(ref.get("kind", ""))
         if plural is not None:
